@@ -1,0 +1,42 @@
+"""Producer/consumer plumbing shared by pipes and application sockets.
+
+A Twisted transport takes exactly one registered producer and calls its
+``pauseProducing`` when the transport's write buffer passes 64 KiB, and
+``resumeProducing`` only once it has fully drained. :class:`WriteGate` is that
+producer: it does not produce anything itself, it only turns the transport's
+verdict into an ``is_blocked`` flag plus callbacks, so the owner can decide
+what to do (choose another pipe, queue, stop reading elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+
+@implementer(IPushProducer)
+class WriteGate:
+    __slots__ = ("is_blocked", "_on_pause", "_on_resume")
+
+    def __init__(self, on_pause: Callable[[], None], on_resume: Callable[[], None]) -> None:
+        self.is_blocked = False
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+
+    # Idempotent on purpose: transports and producer membranes do call these
+    # twice (see twisted.protocols.tls._ProducerMembrane).
+    def pauseProducing(self) -> None:
+        if not self.is_blocked:
+            self.is_blocked = True
+            self._on_pause()
+
+    def resumeProducing(self) -> None:
+        if self.is_blocked:
+            self.is_blocked = False
+            self._on_resume()
+
+    def stopProducing(self) -> None:
+        # The transport is going away; its connectionLost tells the owner.
+        pass

@@ -1,0 +1,338 @@
+"""Pipes: the long-lived TCP connections between LP and RP, and how messages
+are spread over them.
+
+- :class:`PipeProtocol` is one pipe. It hands every received byte to its owner
+  (the session), and batches what is written to it: all messages bound for one
+  pipe in one reactor turn go out in one ``writeSequence`` call.
+- :class:`PipeSet` is the scheduler over the ``n`` pipes of a session. Each
+  message goes whole to one pipe that is not blocked (round robin among the
+  unblocked ones); a pipe is blocked while its transport has paused the
+  pipe's :class:`~tm3.flow.WriteGate`. When every pipe is blocked the owner is
+  told, so it stops reading the application sockets; as soon as one pipe
+  resumes it is told again.
+- :class:`PipeFactory` is the RP's listening factory: accepted pipes wait in a
+  pending set (their bytes are kept, not acted on) until ``n`` are up; the set
+  then becomes a session. A set still incomplete after 30 s is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .flow import WriteGate
+from .wire import Decoder
+
+# Write a pipe's batch at once when it grows past this, instead of waiting for
+# the end of the reactor turn, so the transport's own 64 KiB high-water mark
+# (and so the "blocked" verdict) is never more than one batch late.
+FLUSH_THRESHOLD = 64 * 1024
+# A pending pipe may receive bytes before the set is complete (a fast LP);
+# they are kept for the session, up to this much, then the pipe is dropped.
+MAX_EARLY_BYTES = 4 * 1024 * 1024
+PENDING_TIMEOUT = 30.0
+
+
+class PipeOwner(TypingProtocol):
+    """What a pipe reports to: a session."""
+
+    def pipe_data(self, pipe: PipeProtocol, data: bytes) -> None: ...
+
+    def pipe_lost(self, pipe: PipeProtocol, reason: Failure) -> None: ...
+
+
+class PipeProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.owner: PipeOwner | None = None
+        self.name = "pipe"
+        self.decoder = Decoder()
+        self.gate = WriteGate(self._paused, self._resumed)
+        self.pipe_set: PipeSet | None = None
+        self.outbox: list[bytes] = []
+        self.outbox_bytes = 0
+        self.early: list[bytes] = []
+        self.early_bytes = 0
+        self.connected_ = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # -- Twisted callbacks -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        transport = self.transport
+        assert transport is not None
+        peer = transport.getPeer()
+        self.name = f"pipe {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        if ITCPTransport.providedBy(transport):
+            # Nagle would add up to 40 ms to every small exchange (Twisted #12311).
+            transport.setTcpNoDelay(True)
+        transport.registerProducer(self.gate, True)
+        on_made = getattr(self.factory, "pipe_made", None)
+        if on_made is not None:
+            on_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        owner = self.owner
+        if owner is not None:
+            owner.pipe_data(self, data)
+            return
+        self.early.append(data)
+        self.early_bytes += len(data)
+        if self.early_bytes > MAX_EARLY_BYTES:
+            self.log.warn(
+                "{pipe} sent {n} bytes before its pipe set was complete; closing it",
+                pipe=self.name,
+                n=self.early_bytes,
+            )
+            self.abort()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self.connected_ = False
+        self.outbox = []
+        owner = self.owner
+        if owner is not None:
+            owner.pipe_lost(self, reason)
+        else:
+            on_lost = getattr(self.factory, "pipe_gone", None)
+            if on_lost is not None:
+                on_lost(self, reason)
+
+    # -- attaching to a session --------------------------------------------
+
+    def attach(self, owner: PipeOwner) -> None:
+        """Hand the pipe to a session, replaying bytes that came early."""
+        self.owner = owner
+        early, self.early, self.early_bytes = self.early, [], 0
+        for chunk in early:
+            if self.owner is not owner:
+                break  # the session ended while replaying
+            owner.pipe_data(self, chunk)
+
+    # -- writing -----------------------------------------------------------
+
+    @property
+    def blocked(self) -> bool:
+        return self.gate.is_blocked
+
+    def flush(self) -> None:
+        if self.outbox:
+            outbox = self.outbox
+            self.outbox = []
+            self.bytes_sent += self.outbox_bytes
+            self.outbox_bytes = 0
+            if self.connected_ and self.transport is not None:
+                self.transport.writeSequence(outbox)
+
+    def pause_reading(self) -> None:
+        if self.connected_ and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        if self.connected_ and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        """Close the pipe now: a dead session's backlog is worth nothing."""
+        self.outbox = []
+        self.owner = None
+        transport = self.transport
+        if transport is not None and self.connected_:
+            if getattr(transport, "producer", None) is not None:
+                transport.unregisterProducer()
+            abort = getattr(transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                transport.loseConnection()
+
+    def _paused(self) -> None:
+        if self.pipe_set is not None:
+            self.pipe_set.pipe_paused(self)
+
+    def _resumed(self) -> None:
+        if self.pipe_set is not None:
+            self.pipe_set.pipe_resumed(self)
+
+
+class PipeSet:
+    """Spreads messages over a session's pipes and tracks which are blocked."""
+
+    def __init__(
+        self,
+        pipes: Sequence[PipeProtocol],
+        reactor: IReactorTime,
+        on_all_blocked: Callable[[], None],
+        on_unblocked: Callable[[], None],
+    ) -> None:
+        self.pipes = list(pipes)
+        self._reactor = reactor
+        self._on_all_blocked = on_all_blocked
+        self._on_unblocked = on_unblocked
+        self._next = 0
+        self._dirty: list[PipeProtocol] = []
+        self._flush_call: IDelayedCall | None = None
+        self.unblocked = 0
+        self.reading_paused = False
+        for index, pipe in enumerate(self.pipes):
+            pipe.pipe_set = self
+            pipe.name = f"{pipe.name} (#{index})"
+            if not pipe.blocked:
+                self.unblocked += 1
+
+    @property
+    def all_blocked(self) -> bool:
+        return self.unblocked == 0
+
+    def _pick(self) -> PipeProtocol:
+        pipes = self.pipes
+        n = len(pipes)
+        i = self._next
+        if self.unblocked:
+            while pipes[i].gate.is_blocked:
+                i = i + 1 if i + 1 < n else 0
+        pipe = pipes[i]
+        self._next = i + 1 if i + 1 < n else 0
+        return pipe
+
+    def send(self, message: bytes) -> None:
+        """Queue one whole encoded message on one pipe."""
+        pipe = self._pick()
+        if not pipe.outbox:
+            self._mark_dirty(pipe)
+        pipe.outbox.append(message)
+        pipe.outbox_bytes += len(message)
+        if pipe.outbox_bytes >= FLUSH_THRESHOLD:
+            pipe.flush()
+
+    def send_data(self, header: bytes, payload: bytes) -> None:
+        """Queue a DATA message given as header and payload (no concatenation)."""
+        pipe = self._pick()
+        if not pipe.outbox:
+            self._mark_dirty(pipe)
+        outbox = pipe.outbox
+        outbox.append(header)
+        outbox.append(payload)
+        pipe.outbox_bytes += len(header) + len(payload)
+        if pipe.outbox_bytes >= FLUSH_THRESHOLD:
+            pipe.flush()
+
+    def _mark_dirty(self, pipe: PipeProtocol) -> None:
+        self._dirty.append(pipe)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write every pipe's batch (normally once per reactor turn)."""
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, []
+        for pipe in dirty:
+            pipe.flush()
+
+    def pipe_paused(self, pipe: PipeProtocol) -> None:
+        self.unblocked -= 1
+        if self.unblocked == 0:
+            self._on_all_blocked()
+
+    def pipe_resumed(self, pipe: PipeProtocol) -> None:
+        self.unblocked += 1
+        if self.unblocked == 1:
+            self._on_unblocked()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused:
+            self.reading_paused = True
+            for pipe in self.pipes:
+                pipe.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            for pipe in self.pipes:
+                pipe.resume_reading()
+
+    def close(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._dirty = []
+        for pipe in self.pipes:
+            pipe.pipe_set = None
+            pipe.abort()
+
+
+class PipeFactory(Factory):
+    """Accepts pipes and forms sessions of exactly ``n`` of them.
+
+    ``on_complete`` receives each complete set; it owns the pipes from then on.
+    """
+
+    protocol = PipeProtocol
+    log = Logger()
+
+    def __init__(
+        self,
+        pipes: int,
+        reactor: IReactorTime,
+        on_complete: Callable[[list[PipeProtocol]], Any],
+        pending_timeout: float = PENDING_TIMEOUT,
+    ) -> None:
+        if pipes < 1:
+            raise ValueError("a session needs at least one pipe")
+        self.n = pipes
+        self.reactor = reactor
+        self.on_complete = on_complete
+        self.pending_timeout = pending_timeout
+        self.pending: list[PipeProtocol] = []
+        self._timer: IDelayedCall | None = None
+
+    def pipe_made(self, pipe: PipeProtocol) -> None:
+        self.pending.append(pipe)
+        if len(self.pending) == 1:
+            self._timer = self.reactor.callLater(self.pending_timeout, self._expire)
+        if len(self.pending) < self.n:
+            self.log.info(
+                "{pipe} connected; {have} of {n} pipes pending", pipe=pipe.name, have=len(self.pending), n=self.n
+            )
+            return
+        complete, self.pending = self.pending, []
+        self._cancel_timer()
+        self.on_complete(complete)
+
+    def pipe_gone(self, pipe: PipeProtocol, reason: Failure) -> None:
+        if pipe in self.pending:
+            self.pending.remove(pipe)
+            self.log.info("pending {pipe} closed; {have} of {n} pipes pending", pipe=pipe.name, have=len(self.pending), n=self.n)
+            if not self.pending:
+                self._cancel_timer()
+
+    def _expire(self) -> None:
+        self._timer = None
+        stale, self.pending = self.pending, []
+        self.log.warn(
+            "pipe set incomplete after {t:.0f} s ({have} of {n}); closing those pipes",
+            t=self.pending_timeout,
+            have=len(stale),
+            n=self.n,
+        )
+        for pipe in stale:
+            pipe.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def stop(self) -> None:
+        self._cancel_timer()
+        stale, self.pending = self.pending, []
+        for pipe in stale:
+            pipe.abort()

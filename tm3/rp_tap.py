@@ -1,0 +1,127 @@
+"""``twistd tm3rp``: the remote proxy's options and service.
+
+One code path, two ways in: the ``tm3rp`` plugin calls :func:`makeService`,
+and ``tm3rp.tac`` calls it too, with options taken from ``TM3_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from .listening import ListeningService
+from .multiplexer import Settings
+from .options import argv_from_env, parse_int, parse_seconds, parse_size
+from .pipes import PipeFactory
+from .server import Multiplexer
+from .wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
+
+ENVIRONMENT = {
+    "TM3_PIPES": "pipes",
+    "TM3_LISTEN": "listen",
+    "TM3_MAX_PAYLOAD": "max-payload",
+    "TM3_CONNECT_TIMEOUT": "connect-timeout",
+    "TM3_CONN_QUEUE": "conn-queue",
+    "TM3_TOTAL_QUEUE": "total-queue",
+    "TM3_REORDER_WINDOW": "reorder-window",
+    "TM3_TOTAL_REORDER_WINDOW": "total-reorder-window",
+}
+
+
+class Options(usage.Options):
+    synopsis = "--pipes N [options]"
+    longdesc = (
+        "TM3 remote proxy (RP). Accepts exactly N pipe connections from a TM3 local "
+        "proxy, opens the TCP connections the LP asks for, and relays their bytes "
+        "over the pipes (protocol: PROTOCOL.md, version 1)."
+    )
+    optParameters = [
+        ["pipes", "n", None, "Pipes in a session: the RP waits for exactly this many from the LP (required, 1..1024)."],
+        ["listen", "l", "tcp:6000", "Where to accept pipes: a Twisted server endpoint string "
+         "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path)."],
+        ["max-payload", None, str(DEFAULT_PAYLOAD), f"Payload bytes per DATA message sent to the LP (1..{MAX_PAYLOAD}); "
+         "the reference LP is only known to handle 4096."],
+        ["connect-timeout", None, "10", "Seconds to wait for a server connect before reporting failure (0 < s <= 3600)."],
+        ["conn-queue", None, "4MiB", "Upload bytes queued for one slow server before all pipes pause (64KiB..1GiB)."],
+        ["total-queue", None, "64MiB", "Upload bytes queued for all servers before all pipes pause (64KiB..16GiB)."],
+        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap; more is a protocol error."],
+        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps; more is a protocol error."],
+    ]  # fmt: skip
+
+    def postOptions(self) -> None:
+        if self["pipes"] is None:
+            raise usage.UsageError("--pipes is required: the number of pipes the LP opens (1..1024)")
+        self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
+        self["max-payload"] = parse_size("max-payload", self["max-payload"], 1, MAX_PAYLOAD)
+        self["connect-timeout"] = parse_seconds("connect-timeout", self["connect-timeout"], 0, 3600)
+        self["conn-queue"] = parse_size("conn-queue", self["conn-queue"], 64 * 1024, 1024**3)
+        self["total-queue"] = parse_size("total-queue", self["total-queue"], 64 * 1024, 16 * 1024**3)
+        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 64 * 1024, 16 * 1024**3)
+        self["total-reorder-window"] = parse_size(
+            "total-reorder-window", self["total-reorder-window"], 64 * 1024, 64 * 1024**3
+        )
+        from twisted.internet import reactor
+
+        try:
+            endpoints.serverFromString(reactor, self["listen"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise usage.UsageError(f"--listen: not a server endpoint string: {self['listen']!r} ({e})") from None
+
+    def settings(self) -> Settings:
+        return Settings(
+            max_payload=self["max-payload"],
+            connect_timeout=self["connect-timeout"],
+            conn_queue_limit=self["conn-queue"],
+            total_queue_limit=self["total-queue"],
+            window_bytes=self["reorder-window"],
+            total_window_bytes=self["total-reorder-window"],
+        )
+
+
+class RemoteProxyService(MultiService):
+    """The RP: a :class:`~tm3.server.Multiplexer` fed by a listening :class:`~tm3.pipes.PipeFactory`."""
+
+    def __init__(self, config: Options, reactor: Any) -> None:
+        super().__init__()
+        self.setName("tm3rp")
+        self.multiplexer = Multiplexer(reactor, config.settings())
+        self.multiplexer.setServiceParent(self)
+        self.pipe_factory = PipeFactory(config["pipes"], reactor, self.multiplexer.start_session)
+        endpoint = endpoints.serverFromString(reactor, config["listen"])
+        self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
+        self.listener.setServiceParent(self)
+
+    def when_listening(self) -> Any:
+        return self.listener.when_listening()
+
+    def stopService(self) -> Any:
+        self.pipe_factory.stop()
+        return super().stopService()
+
+
+def makeService(config: Options, reactor: Any = None) -> RemoteProxyService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return RemoteProxyService(config, reactor)
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> Options:
+    """Options for ``tm3rp.tac``, from ``TM3_*`` environment variables.
+
+    Raises ``usage.UsageError`` naming the variable when one is malformed."""
+    environ = os.environ if environ is None else environ
+    argv = argv_from_env(environ, ENVIRONMENT)
+    config = Options()
+    try:
+        config.parseOptions(argv)
+    except usage.UsageError as e:
+        names = ", ".join(f"{k}={environ[k]!r}" for k in ENVIRONMENT if k in environ) or "none set"
+        raise usage.UsageError(f"{e} (from the environment: {names}; TM3_PIPES is required)") from None
+    return config

@@ -1,0 +1,18 @@
+# Deploy the TM3 remote proxy with `twistd -ny tm3rp.tac` (or -y to daemonize).
+# Settings come from the environment; TM3_PIPES is required:
+#   TM3_PIPES=4 TM3_LISTEN=tcp:6000 TM3_MAX_PAYLOAD=4096 TM3_CONNECT_TIMEOUT=10 \
+#   TM3_CONN_QUEUE=4MiB TM3_TOTAL_QUEUE=64MiB twistd -ny tm3rp.tac
+import sys
+
+from twisted.application import service
+from twisted.python import usage
+
+from tm3.rp_tap import makeService, options_from_env
+
+try:
+    config = options_from_env()
+except usage.UsageError as e:
+    sys.exit(f"tm3rp.tac: {e}")
+
+application = service.Application("tm3rp")
+makeService(config).setServiceParent(application)
