@@ -277,6 +277,7 @@ class PipeFactory(Factory):
 
     protocol = PipeProtocol
     log = Logger()
+    noisy = False
 
     def __init__(
         self,

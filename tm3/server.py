@@ -35,6 +35,7 @@ class ServerConnection(StreamProtocol):
 
 class ServerConnectionFactory(ClientFactory):
     protocol = ServerConnection
+    noisy = False  # one per connection: the end-of-connection line says enough
 
     def __init__(self, session: RemoteSession, conn: Connection) -> None:
         self.session = session

@@ -1,0 +1,391 @@
+"""The local proxy (LP) role: intercepted application connections carried
+over ``n`` pipes to the RP.
+
+- :class:`PipeDialer` opens the ``n`` pipes to the RP, all at once, retrying
+  with exponential backoff until the RP is up; a set is only used whole.
+- :class:`LocalSession` is a :class:`~tm3.multiplexer.Session` that opens
+  connections itself (SYN with the original IPv4 destination, ids per
+  PROTOCOL.md rule 7) and drops, counting them, RP messages for ids that are
+  over.
+- :class:`ClientConnection` is an accepted application socket. Its
+  destination comes from the interception mode: the static target of a
+  forward, ``SO_ORIGINAL_DST`` for transparent mode, or the SOCKS5 request.
+- :class:`LocalProxy` is the service: listeners accept only while a session is
+  up (in between, the listening sockets stop accepting and clients wait in the
+  kernel's backlog); a lost pipe ends the session, resetting every connection
+  it carried, and the dialer starts again.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .flow import WriteGate
+from .ids import IdAllocator, IdsExhausted
+from .listening import ListeningService
+from .multiplexer import OPEN, Connection, Session, Settings, Stats, StreamProtocol
+from .pipes import PipeProtocol
+from .wire import Message, ProtocolError, Syn, encode_syn
+
+INITIAL_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+
+
+class LocalSession(Session):
+    log = Logger()
+    role = "lp"
+    pipes_carry_upload = False
+
+    def __init__(self, pipes: list[PipeProtocol], reactor: Any, settings: Settings, stats: Stats, **kw: Any) -> None:
+        self.ids = IdAllocator(reactor.seconds)
+        super().__init__(pipes, reactor, settings, stats, **kw)
+
+    def open(self, host: str, port: int) -> Connection:
+        """Start a connection to ``host:port`` (IPv4): allocate an id, send the SYN."""
+        syn_host = host
+        cid = self.ids.allocate()
+        try:
+            syn = encode_syn(cid, syn_host, port)
+        except ValueError:
+            self.ids.release(cid)
+            raise
+        conn = Connection(self, cid, host, port)
+        self.conns[cid] = conn
+        self.stats.connections_opened += 1
+        self.pipes.send(syn)
+        conn.tx_seq = 1
+        self.stats.messages_sent += 1
+        return conn
+
+    def route(self, msg: Message) -> None:
+        if type(msg) is Syn:
+            raise ProtocolError(f"the RP sent a SYN (for connection {msg.conn_id}); only the LP opens connections")
+        conn = self.conns.get(msg.conn_id)
+        if conn is None:
+            self.drop_tail(msg)  # the tail of a connection that is over here
+        else:
+            self.push(conn, msg)
+
+    def connection_over(self, conn: Connection) -> None:
+        if self.conns.get(conn.conn_id) is conn:
+            del self.conns[conn.conn_id]
+            self.ids.release(conn.conn_id)
+
+
+class ClientConnection(StreamProtocol):
+    """An application connection accepted by the LP.
+
+    The connection is carried once :meth:`begin` names its destination; until
+    then (a SOCKS handshake, a name lookup) bytes go to :meth:`before_begin`.
+    """
+
+    log = Logger()
+
+    def __init__(self, proxy: LocalProxy, destination: Callable[[ClientConnection], tuple[str, int] | None]) -> None:
+        self.proxy = proxy
+        self.destination = destination
+        self.conn: Connection | None = None  # type: ignore[assignment]
+        self.gate = WriteGate(self._write_paused, self._write_resumed)
+        self.aborted = False
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        try:
+            dest = self.destination(self)
+        except OSError as e:
+            self.log.warn("{peer}: cannot tell where this connection was going ({why}); resetting it", peer=self.peer(), why=e)
+            self.abort()
+            return
+        if dest is not None:
+            self.begin(*dest)
+
+    def peer(self) -> str:
+        p = self.transport.getPeer() if self.transport is not None else None
+        return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
+
+    def begin(self, host: str, port: int, early: bytes = b"") -> bool:
+        """Carry this connection to ``host:port`` over the pipes."""
+        session = self.proxy.session
+        if session is None or session.ended:
+            self.log.info("{peer} -> {host}:{port}: no pipe session to the RP; resetting", peer=self.peer(), host=host, port=port)
+            self.abort()
+            return False
+        try:
+            conn = session.open(host, port)
+        except (IdsExhausted, ValueError) as e:
+            self.log.warn("{peer} -> {host}:{port}: {why}; resetting", peer=self.peer(), host=host, port=port, why=e)
+            self.abort()
+            return False
+        self.conn = conn
+        assert self.transport is not None
+        self.transport.registerProducer(self.gate, True)
+        session.stream_opened(conn, self)
+        if early and conn.state == OPEN:
+            session.stream_data(conn, early)
+        return True
+
+    def before_begin(self, data: bytes) -> None:
+        """Bytes that came before the destination was known."""
+        self.log.warn("{peer}: data before the connection began; resetting", peer=self.peer())
+        self.abort()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.conn is None:
+            if not self.aborted:
+                self.before_begin(data)
+        elif not self.aborted:
+            self.conn.session.stream_data(self.conn, data)
+
+    def readConnectionLost(self) -> None:
+        if self.conn is None:
+            self.abort()  # gone before it said where to
+        elif not self.aborted:
+            self.conn.session.stream_eof(self.conn)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.conn is not None:
+            self.conn.session.stream_closed(self.conn, self, reason)
+
+
+class _InterceptFactory(Factory):
+    noisy = False
+    def __init__(self, proxy: LocalProxy, make: Callable[[], ClientConnection]) -> None:
+        self.proxy = proxy
+        self.make = make
+
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        proto = self.make()
+        proto.factory = self
+        return proto
+
+
+def forward_factory(proxy: LocalProxy, host: str, port: int) -> Factory:
+    """Every connection goes to the fixed ``host:port``."""
+    return _InterceptFactory(proxy, lambda: ClientConnection(proxy, lambda _c: (host, port)))
+
+
+def _original_destination(client: ClientConnection) -> tuple[str, int]:
+    from .origdst import original_destination_of
+
+    assert client.transport is not None
+    dest = original_destination_of(client.transport)
+    local = client.transport.getHost()
+    if (dest[0], dest[1]) == (getattr(local, "host", None), getattr(local, "port", None)):
+        # Connected to the listener itself, not redirected by iptables: carrying
+        # it would loop back to us from the RP's side.
+        raise OSError(f"connection to the transparent listener {dest[0]}:{dest[1]} itself was not redirected")
+    return dest
+
+
+def transparent_factory(proxy: LocalProxy) -> Factory:
+    """Connections redirected by iptables (``nat`` ``REDIRECT``)."""
+    return _InterceptFactory(proxy, lambda: ClientConnection(proxy, _original_destination))
+
+
+class _DialAttempt(Factory):
+    """One try at opening all ``n`` pipes; used whole or not at all."""
+
+    protocol = PipeProtocol
+    noisy = False
+
+    def __init__(self, dialer: PipeDialer) -> None:
+        self.dialer = dialer
+        self.up: list[PipeProtocol] = []
+        self.dead = False
+
+    def pipe_made(self, pipe: PipeProtocol) -> None:
+        if self.dead:
+            pipe.abort()
+            return
+        self.up.append(pipe)
+        if len(self.up) == self.dialer.n:
+            self.dialer.complete(self)
+
+    def pipe_gone(self, pipe: PipeProtocol, reason: Failure) -> None:
+        if pipe in self.up and not self.dead:
+            self.dialer.failed(self, reason)
+
+    def abort(self) -> None:
+        self.dead = True
+        up, self.up = self.up, []
+        for pipe in up:
+            pipe.abort()
+
+
+class PipeDialer:
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, host: str, port: int, n: int, on_up: Callable[[list[PipeProtocol]], None], timeout: float = 10.0
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.n = n
+        self.on_up = on_up
+        self.timeout = timeout
+        self.backoff = INITIAL_BACKOFF
+        self.attempt: _DialAttempt | None = None
+        self.retry: IDelayedCall | None = None
+        self.stopped = True
+        self.failures = 0
+
+    def start(self, delay: float = 0.0) -> None:
+        self.stopped = False
+        if self.retry is not None and self.retry.active():
+            return
+        if delay > 0:
+            self.retry = self.reactor.callLater(delay, self._dial)
+        else:
+            self._dial()
+
+    def _dial(self) -> None:
+        self.retry = None
+        if self.stopped:
+            return
+        attempt = self.attempt = _DialAttempt(self)
+        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
+        for _ in range(self.n):
+            d: Deferred[Any] = endpoint.connect(attempt)
+            d.addErrback(lambda f, a=attempt: self.failed(a, f))
+
+    def failed(self, attempt: _DialAttempt, reason: Failure) -> None:
+        if attempt.dead or attempt is not self.attempt:
+            return
+        attempt.abort()
+        self.attempt = None
+        self.failures += 1
+        if self.stopped:
+            return
+        self.log.warn(
+            "cannot open {n} pipes to the RP at {host}:{port}: {why}; retrying in {delay:.1f} s",
+            n=self.n,
+            host=self.host,
+            port=self.port,
+            why=reason.getErrorMessage(),
+            delay=self.backoff,
+        )
+        self.retry = self.reactor.callLater(self.backoff, self._dial)
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+
+    def complete(self, attempt: _DialAttempt) -> None:
+        if attempt is not self.attempt:
+            attempt.abort()
+            return
+        self.attempt = None
+        attempt.dead = True  # the pipes belong to the session now
+        self.backoff = INITIAL_BACKOFF
+        self.on_up(attempt.up)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.retry is not None and self.retry.active():
+            self.retry.cancel()
+        self.retry = None
+        if self.attempt is not None:
+            self.attempt.abort()
+            self.attempt = None
+
+
+class LocalProxy(MultiService):
+    """The LP service: a pipe dialer, the current session, and listeners."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, host: str, port: int, pipes: int, settings: Settings, connect_timeout: float = 10.0):
+        super().__init__()
+        self.setName("tm3lp")
+        self.reactor = reactor
+        self.settings = settings
+        self.stats = Stats()
+        self.session: LocalSession | None = None
+        self.listeners: list[ListeningService] = []
+        self.remote = f"{host}:{port}"
+        self.dialer = PipeDialer(reactor, host, port, pipes, self._pipes_up, connect_timeout)
+        self._count = 0
+        self._session_waiters: list[Deferred[LocalSession]] = []
+
+    def add_listener(self, endpoint: Any, factory: Factory, description: str) -> ListeningService:
+        listener = ListeningService(endpoint, factory, description)
+        listener.setServiceParent(self)
+        self.listeners.append(listener)
+        return listener
+
+    def startService(self) -> None:
+        super().startService()
+        self._set_accepting(False)
+        self.dialer.start()
+
+    def stopService(self) -> Any:
+        self.running = False  # before ending the session: no reconnect now
+        self.dialer.stop()
+        if self.session is not None:
+            self.session.end("service stopping")
+        return super().stopService()
+
+    def _set_accepting(self, on: bool) -> None:
+        for listener in self.listeners:
+            port = listener.port
+            # A listening socket that stops reading stops accepting; clients
+            # wait in the kernel backlog until the pipes are up.
+            method = getattr(port, "startReading" if on else "stopReading", None)
+            if method is not None:
+                method()
+
+    def _pipes_up(self, pipes: list[PipeProtocol]) -> None:
+        self._count += 1
+        name = f"session {self._count}"
+        session = LocalSession(pipes, self.reactor, self.settings, self.stats, on_end=self._ended, name=name)
+        if session.ended:
+            return
+        self.session = session
+        self.log.info("{session} up: {n} pipes to the RP at {remote}", session=name, n=len(pipes), remote=self.remote)
+        self._set_accepting(True)
+        waiters, self._session_waiters = self._session_waiters, []
+        for d in waiters:
+            d.callback(session)
+
+    def _ended(self, session: Session, why: str) -> None:
+        if self.session is session:
+            self.session = None
+            self._set_accepting(False)
+            if self.running:
+                self.log.warn("pipes to the RP lost ({why}); reconnecting", why=why)
+                self.dialer.start(delay=INITIAL_BACKOFF)
+
+    def when_session(self) -> Deferred[LocalSession]:
+        """Fires with the session once all pipes are up (at once if they are)."""
+        d: Deferred[LocalSession] = Deferred()
+        if self.session is not None:
+            d.callback(self.session)
+        else:
+            self._session_waiters.append(d)
+        return d
+
+
+def resolve_ipv4(host: str) -> str:
+    """An IPv4 literal as is, or the first IPv4 address of a name (blocking:
+    used at start-up only)."""
+    try:
+        socket.inet_aton(host)
+        if host.count(".") == 3:
+            return host
+    except OSError:
+        pass
+    infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{host} has no IPv4 address")
+    return str(infos[0][4][0])

@@ -1,0 +1,134 @@
+"""``twistd tm3lp``: the local proxy's options and service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from .local import LocalProxy, forward_factory, resolve_ipv4, transparent_factory
+from .multiplexer import Settings
+from .options import parse_int, parse_seconds, parse_size
+from .wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
+
+DEFAULT_RP_PORT = 6000
+
+
+def parse_remote(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, str(DEFAULT_RP_PORT)
+    if not host:
+        raise usage.UsageError(f"--remote must be HOST or HOST:PORT, not {text!r}")
+    port = parse_int("remote port", port_text, 1, 65535)
+    try:
+        return resolve_ipv4(host), port
+    except OSError as e:
+        raise usage.UsageError(f"--remote: cannot resolve {host!r} to an IPv4 address ({e})") from None
+
+
+def parse_forward(text: str) -> tuple[str, str, int]:
+    """``LISTEN_ENDPOINT:HOST:PORT``; the endpoint may itself contain colons."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise usage.UsageError(f"--forward must be LISTEN_ENDPOINT:HOST:PORT (like tcp:8080:10.0.0.5:80), not {text!r}")
+    listen, host, port_text = parts
+    port = parse_int("forward port", port_text, 1, 65535)
+    try:
+        ip = resolve_ipv4(host)
+    except OSError as e:
+        raise usage.UsageError(f"--forward: cannot resolve {host!r} to an IPv4 address ({e})") from None
+    return listen, ip, port
+
+
+class Options(usage.Options):
+    synopsis = "--remote HOST[:PORT] --pipes N [--socks ENDPOINT] [--transparent ENDPOINT] [--forward SPEC]..."
+    longdesc = (
+        "TM3 local proxy (LP). Opens N pipes to the TM3 remote proxy and carries the "
+        "application connections it intercepts over them. Give at least one way in: "
+        "--socks (SOCKS5, no root needed), --transparent (connections redirected by "
+        "iptables; see tm3-redirect), or --forward (a fixed destination)."
+    )
+    optParameters = [
+        ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}); names are resolved once at start."],
+        ["pipes", "n", None, "Pipes to open to the RP (required, 1..1024; the RP must expect the same number)."],
+        ["socks", "s", None, "Listen for SOCKS5 clients (CONNECT, no auth) on this server endpoint, like tcp:1080:interface=127.0.0.1."],
+        ["transparent", "t", None, "Listen for iptables-redirected connections on this server endpoint, like tcp:6001."],
+        ["max-payload", None, str(DEFAULT_PAYLOAD), f"Payload bytes per DATA message sent to the RP (1..{MAX_PAYLOAD})."],
+        ["connect-timeout", None, "10", "Seconds to wait for each pipe connect to the RP (0 < s <= 3600)."],
+        ["conn-queue", None, "4MiB", "Bytes queued for one slow client before all pipes pause (64KiB..1GiB)."],
+        ["total-queue", None, "64MiB", "Bytes queued for all clients before all pipes pause (64KiB..16GiB)."],
+        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap; more is a protocol error."],
+        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps; more is a protocol error."],
+    ]  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["forward"] = []
+
+    def opt_forward(self, spec: str) -> None:
+        """LISTEN_ENDPOINT:HOST:PORT: carry every connection accepted on the endpoint to HOST:PORT (repeatable)."""
+        self["forward"].append(spec)
+
+    opt_f = opt_forward
+
+    def postOptions(self) -> None:
+        if self["remote"] is None:
+            raise usage.UsageError("--remote is required: the RP's HOST or HOST:PORT")
+        if self["pipes"] is None:
+            raise usage.UsageError("--pipes is required: how many pipes to open to the RP (1..1024)")
+        self["remote"] = parse_remote(self["remote"])
+        self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
+        self["max-payload"] = parse_size("max-payload", self["max-payload"], 1, MAX_PAYLOAD)
+        self["connect-timeout"] = parse_seconds("connect-timeout", self["connect-timeout"], 0, 3600)
+        self["conn-queue"] = parse_size("conn-queue", self["conn-queue"], 64 * 1024, 1024**3)
+        self["total-queue"] = parse_size("total-queue", self["total-queue"], 64 * 1024, 16 * 1024**3)
+        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 64 * 1024, 16 * 1024**3)
+        self["total-reorder-window"] = parse_size("total-reorder-window", self["total-reorder-window"], 64 * 1024, 64 * 1024**3)
+        self["forward"] = [parse_forward(spec) for spec in self["forward"]]
+        if not (self["socks"] or self["transparent"] or self["forward"]):
+            raise usage.UsageError("give at least one of --socks, --transparent or --forward: the LP has no way in")
+        from twisted.internet import reactor
+
+        for option, desc in [("socks", self["socks"]), ("transparent", self["transparent"])] + [
+            ("forward", f[0]) for f in self["forward"]
+        ]:
+            if desc is None:
+                continue
+            try:
+                endpoints.serverFromString(reactor, desc)
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(f"--{option}: not a server endpoint string: {desc!r} ({e})") from None
+
+    def settings(self) -> Settings:
+        return Settings(
+            max_payload=self["max-payload"],
+            connect_timeout=self["connect-timeout"],
+            conn_queue_limit=self["conn-queue"],
+            total_queue_limit=self["total-queue"],
+            window_bytes=self["reorder-window"],
+            total_window_bytes=self["total-reorder-window"],
+        )
+
+
+def makeService(config: Options, reactor: Any = None) -> LocalProxy:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    host, port = config["remote"]
+    proxy = LocalProxy(reactor, host, port, config["pipes"], config.settings(), config["connect-timeout"])
+    if config["socks"]:
+        from .local_socks import socks_factory
+
+        proxy.add_listener(endpoints.serverFromString(reactor, config["socks"]), socks_factory(proxy), "SOCKS5")
+    if config["transparent"]:
+        proxy.add_listener(
+            endpoints.serverFromString(reactor, config["transparent"]), transparent_factory(proxy), "transparent"
+        )
+    for listen, fhost, fport in config["forward"]:
+        proxy.add_listener(
+            endpoints.serverFromString(reactor, listen), forward_factory(proxy, fhost, fport), f"forward to {fhost}:{fport}"
+        )
+    return proxy
