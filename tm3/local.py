@@ -23,18 +23,28 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import DNSLookupError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .flow import WriteGate
 from .ids import IdAllocator, IdsExhausted
 from .listening import ListeningService
 from .multiplexer import OPEN, Connection, Session, Settings, Stats, StreamProtocol
 from .pipes import PipeProtocol
+from .socks import (
+    ADDRESS_TYPE_NOT_SUPPORTED,
+    ATYP_DOMAIN,
+    ATYP_IPV6,
+    GENERAL_FAILURE,
+    HOST_UNREACHABLE,
+    NETWORK_UNREACHABLE,
+    Socks5Protocol,
+    SocksError,
+)
 from .wire import Message, ProtocolError, Syn, encode_syn
 
 INITIAL_BACKOFF = 0.5
@@ -92,11 +102,10 @@ class ClientConnection(StreamProtocol):
     log = Logger()
 
     def __init__(self, proxy: LocalProxy, destination: Callable[[ClientConnection], tuple[str, int] | None]) -> None:
+        StreamProtocol.__init__(self, None)  # type: ignore[arg-type]
         self.proxy = proxy
         self.destination = destination
         self.conn: Connection | None = None  # type: ignore[assignment]
-        self.gate = WriteGate(self._write_paused, self._write_resumed)
-        self.aborted = False
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -116,26 +125,36 @@ class ClientConnection(StreamProtocol):
         p = self.transport.getPeer() if self.transport is not None else None
         return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
 
-    def begin(self, host: str, port: int, early: bytes = b"") -> bool:
+    def begin(self, host: str, port: int) -> bool:
         """Carry this connection to ``host:port`` over the pipes."""
-        session = self.proxy.session
-        if session is None or session.ended:
-            self.log.info("{peer} -> {host}:{port}: no pipe session to the RP; resetting", peer=self.peer(), host=host, port=port)
+        try:
+            conn = self.open_connection(host, port)
+        except NoRoute as e:
+            self.log.info("{peer} -> {host}:{port}: {why}; resetting", peer=self.peer(), host=host, port=port, why=e)
             self.abort()
             return False
+        self.attach(conn)
+        return True
+
+    def open_connection(self, host: str, port: int) -> Connection:
+        """Send the SYN; raises :class:`NoRoute` when the LP cannot."""
+        session = self.proxy.session
+        if session is None or session.ended:
+            raise NoRoute("no pipe session to the RP")
         try:
             conn = session.open(host, port)
         except (IdsExhausted, ValueError) as e:
-            self.log.warn("{peer} -> {host}:{port}: {why}; resetting", peer=self.peer(), host=host, port=port, why=e)
-            self.abort()
-            return False
+            raise NoRoute(str(e)) from None
         self.conn = conn
+        return conn
+
+    def attach(self, conn: Connection, early: bytes = b"") -> None:
+        """Start relaying between this socket and ``conn``."""
         assert self.transport is not None
         self.transport.registerProducer(self.gate, True)
-        session.stream_opened(conn, self)
+        conn.session.stream_opened(conn, self)
         if early and conn.state == OPEN:
-            session.stream_data(conn, early)
-        return True
+            conn.session.stream_data(conn, early)
 
     def before_begin(self, data: bytes) -> None:
         """Bytes that came before the destination was known."""
@@ -152,12 +171,76 @@ class ClientConnection(StreamProtocol):
     def readConnectionLost(self) -> None:
         if self.conn is None:
             self.abort()  # gone before it said where to
-        elif not self.aborted:
-            self.conn.session.stream_eof(self.conn)
+        else:
+            StreamProtocol.readConnectionLost(self)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         if self.conn is not None:
             self.conn.session.stream_closed(self.conn, self, reason)
+
+
+class NoRoute(Exception):
+    """The LP cannot carry a new connection now (no session, no free id, not IPv4)."""
+
+
+class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[misc]
+    """A SOCKS5 client: the handshake (:class:`~tm3.socks.Socks5Protocol`)
+    names the destination, then the connection is carried like any other.
+
+    The success reply goes out as soon as the SYN is sent: whether the RP's
+    connect works is only known later (a FIN 0x99 then resets the client),
+    and waiting for the server's first byte would deadlock protocols where
+    the client speaks first.
+    """
+
+    def __init__(self, proxy: LocalProxy) -> None:
+        Socks5Protocol.__init__(self)
+        ClientConnection.__init__(self, proxy, lambda _c: None)
+
+    def socks_connect(self, host: str, port: int, atyp: int) -> Deferred[None]:
+        if atyp == ATYP_IPV6:
+            raise SocksError(ADDRESS_TYPE_NOT_SUPPORTED, f"TM3 carries IPv4 only, not [{host}]")
+        if atyp == ATYP_DOMAIN:
+            d: Deferred[str] = self.proxy.reactor.resolve(host)
+
+            def resolved(ip: str) -> None:
+                self._open(ip, port)
+
+            def unresolved(f: Failure) -> None:
+                f.trap(DNSLookupError)
+                raise SocksError(HOST_UNREACHABLE, f"cannot resolve {host!r} to an IPv4 address")
+
+            return d.addCallbacks(resolved, unresolved)
+        self._open(host, port)
+        return succeed(None)
+
+    def _open(self, host: str, port: int) -> None:
+        try:
+            self.open_connection(host, port)
+        except NoRoute as e:
+            raise SocksError(NETWORK_UNREACHABLE if self.proxy.session is None else GENERAL_FAILURE, str(e)) from None
+
+    def socks_established(self, leftover: bytes) -> None:
+        assert self.conn is not None
+        self.attach(self.conn, leftover)
+
+    def relay_data(self, data: bytes) -> None:
+        if self.conn is not None and not self.aborted:
+            self.conn.session.stream_data(self.conn, data)
+
+    def relay_eof(self) -> None:
+        if self.conn is not None and not self.aborted:
+            self.conn.session.stream_eof(self.conn)
+
+    def readConnectionLost(self) -> None:
+        Socks5Protocol.readConnectionLost(self)
+
+    def writeConnectionLost(self) -> None:
+        Socks5Protocol.writeConnectionLost(self)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        Socks5Protocol.connectionLost(self, reason)
+        ClientConnection.connectionLost(self, reason)
 
 
 class _InterceptFactory(Factory):
@@ -188,6 +271,11 @@ def _original_destination(client: ClientConnection) -> tuple[str, int]:
         # it would loop back to us from the RP's side.
         raise OSError(f"connection to the transparent listener {dest[0]}:{dest[1]} itself was not redirected")
     return dest
+
+
+def socks_factory(proxy: LocalProxy) -> Factory:
+    """SOCKS5 clients (RFC 1928 CONNECT, no authentication)."""
+    return _InterceptFactory(proxy, lambda: SocksClientConnection(proxy))
 
 
 def transparent_factory(proxy: LocalProxy) -> Factory:

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from .local import LocalProxy, forward_factory, resolve_ipv4, transparent_factory
+from .local import LocalProxy, forward_factory, resolve_ipv4, socks_factory, transparent_factory
 from .multiplexer import Settings
 from .options import parse_int, parse_seconds, parse_size
 from .wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
@@ -120,8 +120,6 @@ def makeService(config: Options, reactor: Any = None) -> LocalProxy:
     host, port = config["remote"]
     proxy = LocalProxy(reactor, host, port, config["pipes"], config.settings(), config["connect-timeout"])
     if config["socks"]:
-        from .local_socks import socks_factory
-
         proxy.add_listener(endpoints.serverFromString(reactor, config["socks"]), socks_factory(proxy), "SOCKS5")
     if config["transparent"]:
         proxy.add_listener(

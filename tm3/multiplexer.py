@@ -153,6 +153,8 @@ class StreamProtocol(Protocol):
         self.conn = conn
         self.gate = WriteGate(self._write_paused, self._write_resumed)
         self.aborted = False
+        self.read_closed = False
+        self.write_closed = False
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -167,11 +169,20 @@ class StreamProtocol(Protocol):
             self.conn.session.stream_data(self.conn, data)
 
     def readConnectionLost(self) -> None:
+        self.read_closed = True
         if not self.aborted:
             self.conn.session.stream_eof(self.conn)
+        self._close_if_shut_down()
 
     def writeConnectionLost(self) -> None:
-        pass
+        self.write_closed = True
+        self._close_if_shut_down()
+
+    def _close_if_shut_down(self) -> None:
+        # Twisted keeps the socket open after both halves are shut down
+        # (tcp.Connection.readConnectionLost/_closeWriteConnection): close it.
+        if self.read_closed and self.write_closed and self.transport is not None:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.conn.session.stream_closed(self.conn, self, reason)
