@@ -299,7 +299,18 @@ class Session:
 
     def push(self, conn: Connection, msg: Message) -> None:
         """Reorder ``msg`` into ``conn`` and act on whatever is now in order."""
-        ready = conn.rx.push(msg.seq, msg, wire_size(msg))
+        rx = conn.rx
+        seq = msg.seq
+        if seq == rx.next_seq and not rx.held_bytes:
+            # The common case, in order with nothing held: no buffering, no
+            # list (held_bytes is 0 exactly when nothing is held).
+            rx.next_seq = (seq + 1) & SEQ_MASK
+            if type(msg) is Data:
+                self.write_to_stream(conn, msg.payload)  # type: ignore[union-attr]
+            else:
+                self.deliver(conn, msg)
+            return
+        ready = rx.push(seq, msg, wire_size(msg))
         for i, m in enumerate(ready):
             self.deliver(conn, m)
             if type(m) is Fin:

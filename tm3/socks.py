@@ -329,7 +329,7 @@ class Socks5Handshake:
                 break
             offset += used
         if self._stage is _Stage.CONNECT_REQUESTED:
-            self._leftover = bytes(self._buffer[offset:])
+            self._leftover = bytes(memoryview(self._buffer)[offset:])
             self._buffer = bytearray()
         elif self._stage is _Stage.FAILED:
             self._buffer = bytearray()

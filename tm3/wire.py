@@ -86,8 +86,10 @@ class ProtocolError(Exception):
 
 def encode_syn(conn_id: int, host: str, port: int, seq: int = 0) -> bytes:
     try:
-        packed = socket.inet_aton(host)
-    except OSError:
+        # inet_pton, not inet_aton: inet_aton takes "010.0.0.1" as octal
+        # (8.0.0.1), "0x7f.1" as hex, and ignores anything after a space.
+        packed = socket.inet_pton(socket.AF_INET, host)
+    except (OSError, TypeError):
         raise ValueError(f"SYN needs an IPv4 address, not {host!r}") from None
     if host.count(".") != 3:  # inet_aton accepts "127.1"; the wire wants 4 octets
         raise ValueError(f"SYN needs a dotted-quad IPv4 address, not {host!r}")
