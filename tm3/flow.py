@@ -11,9 +11,10 @@ what to do (choose another pipe, queue, stop reading elsewhere).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 
 @implementer(IPushProducer)
@@ -40,3 +41,16 @@ class WriteGate:
     def stopProducing(self) -> None:
         # The transport is going away; its connectionLost tells the owner.
         pass
+
+
+def register_producer(transport: object, producer: IPushProducer) -> None:
+    """Register a streaming producer on a transport (TCP and test transports
+    are consumers, though ``Protocol.transport`` is typed as ITransport)."""
+    cast(IConsumer, transport).registerProducer(producer, True)
+
+
+def unregister_producer(transport: object) -> None:
+    """Unregister the transport's producer, if it has one: loseConnection
+    and loseWriteConnection do not finish while one is registered."""
+    if getattr(transport, "producer", None) is not None:
+        cast(IConsumer, transport).unregisterProducer()

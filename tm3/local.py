@@ -27,10 +27,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import DNSLookupError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .flow import register_producer
 from .ids import IdAllocator, IdsExhausted
 from .listening import ListeningService
 from .multiplexer import OPEN, Connection, Session, Settings, Stats, StreamProtocol
@@ -151,7 +152,7 @@ class ClientConnection(StreamProtocol):
     def attach(self, conn: Connection, early: bytes = b"") -> None:
         """Start relaying between this socket and ``conn``."""
         assert self.transport is not None
-        self.transport.registerProducer(self.gate, True)
+        register_producer(self.transport, self.gate)
         conn.session.stream_opened(conn, self)
         if early and conn.state == OPEN:
             conn.session.stream_data(conn, early)
@@ -174,7 +175,7 @@ class ClientConnection(StreamProtocol):
         else:
             StreamProtocol.readConnectionLost(self)
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.conn is not None:
             self.conn.session.stream_closed(self.conn, self, reason)
 
@@ -238,7 +239,7 @@ class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[m
     def writeConnectionLost(self) -> None:
         Socks5Protocol.writeConnectionLost(self)
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         Socks5Protocol.connectionLost(self, reason)
         ClientConnection.connectionLost(self, reason)
 
@@ -348,7 +349,10 @@ class PipeDialer:
         endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
         for _ in range(self.n):
             d: Deferred[Any] = endpoint.connect(attempt)
-            d.addErrback(lambda f, a=attempt: self.failed(a, f))
+            d.addErrback(self._connect_failed, attempt)
+
+    def _connect_failed(self, reason: Failure, attempt: _DialAttempt) -> None:
+        self.failed(attempt, reason)
 
     def failed(self, attempt: _DialAttempt, reason: Failure) -> None:
         if attempt.dead or attempt is not self.attempt:

@@ -35,12 +35,12 @@ from typing import Any, ClassVar
 from attrs import define, field, frozen
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .flow import WriteGate
+from .flow import WriteGate, register_producer, unregister_producer
 from .pipes import PipeProtocol, PipeSet
 from .reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES, HeldBudget, ReorderBuffer, ReorderError
 from .wire import (
@@ -161,7 +161,7 @@ class StreamProtocol(Protocol):
         assert transport is not None
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        transport.registerProducer(self.gate, True)
+        register_producer(transport, self.gate)
         self.conn.session.stream_opened(self.conn, self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -184,7 +184,7 @@ class StreamProtocol(Protocol):
         if self.read_closed and self.write_closed and self.transport is not None:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.conn.session.stream_closed(self.conn, self, reason)
 
     def _write_paused(self) -> None:
@@ -204,8 +204,7 @@ class StreamProtocol(Protocol):
             return
         # A registered producer keeps loseConnection/loseWriteConnection from
         # finishing (twisted.internet.abstract); we have nothing left to write.
-        if getattr(transport, "producer", None) is not None:
-            transport.unregisterProducer()
+        unregister_producer(transport)
         lose_write = getattr(transport, "loseWriteConnection", None)
         if lose_write is not None:
             lose_write()
@@ -216,8 +215,7 @@ class StreamProtocol(Protocol):
         transport = self.transport
         if transport is None or self.aborted:
             return
-        if getattr(transport, "producer", None) is not None:
-            transport.unregisterProducer()
+        unregister_producer(transport)
         transport.loseConnection()
 
     def abort(self) -> None:
@@ -228,8 +226,7 @@ class StreamProtocol(Protocol):
         transport = self.transport
         if transport is None:
             return
-        if getattr(transport, "producer", None) is not None:
-            transport.unregisterProducer()
+        unregister_producer(transport)
         abort = getattr(transport, "abortConnection", None)
         if abort is not None:
             abort()

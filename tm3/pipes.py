@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .flow import WriteGate
+from .flow import WriteGate, register_producer, unregister_producer
 from .wire import Decoder
 
 # Write a pipe's batch at once when it grows past this, instead of waiting for
@@ -74,7 +74,7 @@ class PipeProtocol(Protocol):
         if ITCPTransport.providedBy(transport):
             # Nagle would add up to 40 ms to every small exchange (Twisted #12311).
             transport.setTcpNoDelay(True)
-        transport.registerProducer(self.gate, True)
+        register_producer(transport, self.gate)
         on_made = getattr(self.factory, "pipe_made", None)
         if on_made is not None:
             on_made(self)
@@ -95,7 +95,7 @@ class PipeProtocol(Protocol):
             )
             self.abort()
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False
         self.outbox = []
         owner = self.owner
@@ -146,8 +146,7 @@ class PipeProtocol(Protocol):
         self.owner = None
         transport = self.transport
         if transport is not None and self.connected_:
-            if getattr(transport, "producer", None) is not None:
-                transport.unregisterProducer()
+            unregister_producer(transport)
             abort = getattr(transport, "abortConnection", None)
             if abort is not None:
                 abort()
