@@ -264,14 +264,12 @@ def forward_factory(proxy: LocalProxy, host: str, port: int) -> Factory:
 def _original_destination(client: ClientConnection) -> tuple[str, int]:
     from .origdst import original_destination_of
 
-    assert client.transport is not None
-    dest = original_destination_of(client.transport)
-    local = client.transport.getHost()
-    if (dest[0], dest[1]) == (getattr(local, "host", None), getattr(local, "port", None)):
-        # Connected to the listener itself, not redirected by iptables: carrying
-        # it would loop back to us from the RP's side.
-        raise OSError(f"connection to the transparent listener {dest[0]}:{dest[1]} itself was not redirected")
-    return dest
+    try:
+        # Also refuses a connection made straight to the listener (its
+        # "original" destination is the listener itself: carrying it would loop).
+        return original_destination_of(client.transport)
+    except (ValueError, TypeError) as e:  # not an IPv4 TCP socket
+        raise OSError(str(e)) from None
 
 
 def socks_factory(proxy: LocalProxy) -> Factory:

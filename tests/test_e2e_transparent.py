@@ -1,0 +1,141 @@
+"""Transparent mode for real, across three network namespaces.
+
+    client 10.77.1.2 (unmodified clients, tm3lp --transparent, tm3-redirect)
+       |  eth0
+    rp 10.77.1.1 / 10.77.2.1 (tm3rp; forwards, so the client can also reach
+       |                      the server directly once the rules are off)
+    server 10.77.2.2 (tm3-testserver, an HTTP server)
+
+The clients connect to the *server's* address; iptables on the client host
+redirects them to the LP, whose pipes carry them to the RP, which connects to
+the server. The RP's per-connection log lines prove the bytes crossed the
+pipes; after ``tm3-redirect off`` the same clients reach the server directly
+and the RP sees nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from netns import TM3Topology
+
+pytestmark = pytest.mark.netns
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+TESTPORT = 8080
+HTTPPORT = 8081
+LP_PORT = 6001
+
+
+def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def conn_lines(log: str, dest: str) -> list[str]:
+    return [line for line in log.splitlines() if re.search(rf"conn \d+ to {re.escape(dest)} ended: (\w+)", line)]
+
+
+@pytest.fixture
+def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untyped-def]
+    t = tm3_topology
+    # A file for curl to fetch, served from the server host.
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(3 * 1024 * 1024 + 17)
+    (www / "blob.bin").write_bytes(blob)
+    t.server.popen(t.server.python_argv("-m", "tm3.testserver", str(TESTPORT), "--interface", t.server_ip))
+    t.server.popen(
+        t.server.python_argv("-m", "http.server", str(HTTPPORT), "--bind", t.server_ip, "--directory", str(www))
+    )
+    t.server.wait_for_port(TESTPORT, t.server_ip)
+    t.server.wait_for_port(HTTPPORT, t.server_ip)
+
+    rp_log, lp_log = tmp_path / "rp.log", tmp_path / "lp.log"
+    t.rp.popen([TWISTD, "-n", "--pidfile=", "-l", str(rp_log), "tm3rp", "--pipes", "4", "--listen", f"tcp:6000:interface={t.rp_ip}"])
+    wait_for(lambda: "listening on" in read(rp_log), "the RP to listen")
+    t.client.popen(
+        [TWISTD, "-n", "--pidfile=", "-l", str(lp_log), "tm3lp", "--pipes", "4", "--remote", f"{t.rp_ip}:6000",
+         "--transparent", f"tcp:{LP_PORT}"]
+    )  # fmt: skip
+    wait_for(lambda: "session 1 up" in read(lp_log), "the LP's pipes to come up")
+    return t, rp_log, lp_log, hashlib.sha256(blob).hexdigest()
+
+
+def redirect(t: TM3Topology, *args: str) -> str:
+    out = t.client.run(t.client.python_argv("-m", "tm3.redirect", *args), check=False)
+    assert out.returncode in (0, 3), f"tm3-redirect {' '.join(args)} failed: {out.stdout}{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def test_transparent_mode_end_to_end(system) -> None:  # type: ignore[no-untyped-def]
+    t, rp_log, lp_log, blob_digest = system
+    redirect(t, "on", t.rp_ip, t.client_iface, str(TESTPORT), str(HTTPPORT), "--to-port", str(LP_PORT))
+    assert "TM3_OUTPUT" in redirect(t, "status")
+
+    # The original experiment, unmodified client, aimed at the server's address.
+    client = t.client.run(
+        t.client.python_argv("-m", "tm3.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
+    )
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert "OK: all 10 responses verified" in client.stdout
+    parallel = t.client.run(
+        t.client.python_argv("-m", "tm3.testclient", t.server_ip, str(TESTPORT), "200", "1000", "50000", "--parallel", "8"),
+        check=False,
+    )
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+
+    # curl, unmodified, downloads a file by its real URL.
+    got = t.client.run(
+        ["sh", "-c", f"curl -sS --max-time 30 http://{t.server_ip}:{HTTPPORT}/blob.bin | sha256sum"], check=False
+    )
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split()[0] == blob_digest
+
+    # The bytes crossed the pipes: the RP opened those connections, the LP carried them.
+    dest = f"{t.server_ip}:{TESTPORT}"
+    wait_for(lambda: len(conn_lines(read(rp_log), dest)) >= 1 + 8, "the RP's connection log lines")
+    rp_lines = conn_lines(read(rp_log), dest)
+    assert all("ended: fin" in line for line in rp_lines), rp_lines
+    assert any("up 41120 B, down 40960 B" in line for line in rp_lines), rp_lines  # the 10 x 4096 exchange
+    assert len(conn_lines(read(rp_log), f"{t.server_ip}:{HTTPPORT}")) == 1
+    assert len(conn_lines(read(lp_log), dest)) >= 9
+    before_off = len(conn_lines(read(rp_log), dest))
+
+    # Off: the same client now reaches the server directly, not through TM3.
+    redirect(t, "off")
+    assert "not installed" in redirect(t, "status").lower() or "nothing" in redirect(t, "status").lower()
+    direct = t.client.run(
+        t.client.python_argv("-m", "tm3.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
+    )
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    time.sleep(0.5)
+    assert len(conn_lines(read(rp_log), dest)) == before_off, "traffic still went through the RP after off"
+
+
+def test_connection_to_the_listener_itself_is_refused_not_looped(system) -> None:  # type: ignore[no-untyped-def]
+    """A client that connects straight to the LP's transparent port (not
+    redirected) must be reset, not carried back to the LP through the RP."""
+    t, rp_log, lp_log, _ = system
+    before = read(rp_log).count("ended:")
+    result = t.client.run(
+        t.client.python_argv("-m", "tm3.testclient", t.client_ip, str(LP_PORT), "1", "10", "10", "--timeout", "5"),
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    wait_for(lambda: "cannot tell where this connection was going" in read(lp_log), "the LP's log line")
+    assert read(rp_log).count("ended:") == before
