@@ -338,12 +338,14 @@ class Session:
 
     def write_to_stream(self, conn: Connection, payload: bytes) -> None:
         n = len(payload)
-        conn.bytes_in += n
-        self.stats.bytes_from_pipes += n
         if not n:
             return
         stream = conn.stream
         if conn.state == OPEN and stream is not None and not conn.queue and not stream.gate.is_blocked:
+            # Counted when written, not when received: a connect that fails
+            # (or a socket that goes away) took none of what was queued.
+            conn.bytes_in += n
+            self.stats.bytes_from_pipes += n
             stream.write(payload)
             return
         if conn.state == CLOSED:
@@ -457,6 +459,10 @@ class Session:
 
     def abort_stream(self, conn: Connection) -> None:
         """Reset the socket (or stop the connect) at once."""
+        # CLOSED first: a real connector's stopConnecting() calls
+        # clientConnectionFailed synchronously, and connect_failed must see
+        # that we stopped it (else: a bogus connect failure, even a FIN 0x99).
+        conn.state = CLOSED
         if conn.connector is not None:
             connector, conn.connector = conn.connector, None
             try:
@@ -519,6 +525,8 @@ class Session:
             freed += len(chunk)
             stream.write(chunk)
         if freed:
+            conn.bytes_in += freed
+            self.stats.bytes_from_pipes += freed
             conn.queued -= freed
             self.queued_total -= freed
             self._check_upload_resume(conn)

@@ -16,7 +16,9 @@ def parse_size(option: str, text: str, low: int, high: int | None = None) -> int
     m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else ""
     if m is None or unit not in _UNITS:
-        raise usage.UsageError(f"--{option} must be a size in bytes (like 4096, 64KiB, 4MiB), not {text!r}")
+        raise usage.UsageError(
+            f"--{option} must be a size in bytes (like 4096, 64KiB, 4MiB) in {_accepted(low, high)}, not {text!r}"
+        )
     value = int(m.group(1)) * _UNITS[unit]
     check_range(option, value, low, high)
     return value
@@ -26,7 +28,7 @@ def parse_int(option: str, text: str, low: int, high: int | None = None) -> int:
     try:
         value = int(str(text), 10)
     except ValueError:
-        raise usage.UsageError(f"--{option} must be a whole number, not {text!r}") from None
+        raise usage.UsageError(f"--{option} must be a whole number in {_accepted(low, high)}, not {text!r}") from None
     check_range(option, value, low, high)
     return value
 
@@ -35,7 +37,9 @@ def parse_seconds(option: str, text: str, low: float, high: float) -> float:
     try:
         value = float(str(text))
     except ValueError:
-        raise usage.UsageError(f"--{option} must be a number of seconds, not {text!r}") from None
+        raise usage.UsageError(
+            f"--{option} must be a number of seconds, more than {low:g} and at most {high:g}, not {text!r}"
+        ) from None
     if not low < value <= high:
         raise usage.UsageError(f"--{option} must be more than {low:g} and at most {high:g} seconds, not {text}")
     return value
@@ -43,8 +47,11 @@ def parse_seconds(option: str, text: str, low: float, high: float) -> float:
 
 def check_range(option: str, value: int, low: int, high: int | None) -> None:
     if value < low or (high is not None and value > high):
-        accepted = f"{low}..{high}" if high is not None else f">= {low}"
-        raise usage.UsageError(f"--{option} must be in {accepted}, not {value}")
+        raise usage.UsageError(f"--{option} must be in {_accepted(low, high)}, not {value}")
+
+
+def _accepted(low: int, high: int | None) -> str:
+    return f"{low}..{high}" if high is not None else f">= {low}"
 
 
 def argv_from_env(environ: Mapping[str, str], names: Mapping[str, str]) -> list[str]:

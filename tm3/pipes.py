@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol as TypingProtocol
 
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -94,6 +95,13 @@ class PipeProtocol(Protocol):
                 n=self.early_bytes,
             )
             self.abort()
+            self.early, self.early_bytes = [], 0
+            # Leave the pending set now: a TCP transport reports the abort
+            # only in a later turn, and a set completed meanwhile must not
+            # take this pipe.
+            on_lost = getattr(self.factory, "pipe_gone", None)
+            if on_lost is not None:
+                on_lost(self, Failure(ConnectionAborted()))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False

@@ -122,6 +122,12 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> Options:
     try:
         config.parseOptions(argv)
     except usage.UsageError as e:
+        text = str(e)
+        for var, option in ENVIRONMENT.items():  # name the one variable at fault
+            if text.startswith((f"--{option} ", f"--{option}:")):
+                if var in environ:
+                    raise usage.UsageError(f"{var}={environ[var]!r}: {text}") from None
+                raise usage.UsageError(f"{var} is not set: {text}") from None
         names = ", ".join(f"{k}={environ[k]!r}" for k in ENVIRONMENT if k in environ) or "none set"
         raise usage.UsageError(f"{e} (from the environment: {names}; TM3_PIPES is required)") from None
     return config

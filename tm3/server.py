@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 
 from .multiplexer import CLOSED, CONNECTING, PARKED, Connection, Session, Settings, Stats, StreamProtocol
 from .pipes import PipeProtocol
-from .wire import REASON_RST, Message, ProtocolError, Syn, wire_size
+from .reorder import ReorderError
+from .wire import REASON_RST, Message, ProtocolError, Syn, encode, wire_size
 
 
 class ServerConnection(StreamProtocol):
@@ -127,6 +128,8 @@ class RemoteSession(Session):
             self.connect(conn)
 
     def hold_orphan(self, msg: Message) -> None:
+        if self.ended:
+            return  # what an ended session still routes must not start timers
         cid = msg.conn_id
         size = wire_size(msg)
         orphans = self.orphans.get(cid)
@@ -213,8 +216,7 @@ class RemoteSession(Session):
             if parked is not None and not parked.over:
                 self.conns[cid] = parked
                 self.connect(parked)
-                for m in held:
-                    self.route(m)
+                self._route_held(held)
             else:
                 del self.conns[cid]
                 for m in held:
@@ -224,6 +226,27 @@ class RemoteSession(Session):
         if current is not None and current.parked is conn:
             # The parked connection was reset by the LP before it started.
             current.parked = None
+
+    def _route_held(self, held: list[Message]) -> None:
+        # This runs from server callbacks and timers too, where no pipe read
+        # would catch a ReorderError: a held message the next connection
+        # cannot take (a duplicate, beyond its window) ends the session here.
+        for m in held:
+            try:
+                self.route(m)
+            except (ProtocolError, ReorderError) as e:
+                self.stats.protocol_errors += 1
+                self.log.error(
+                    "{session}: protocol error in a message held for id {conn_id}: {reason}"
+                    " (bytes: {raw}); ending the session",
+                    session=self.name,
+                    conn_id=m.conn_id,
+                    reason=str(e),
+                    raw=encode(m)[:16].hex(" "),
+                )
+                self.end(f"protocol error in a message held for id {m.conn_id}")
+            if self.ended:
+                return
 
     def end_hook(self) -> None:
         for orphans in self.orphans.values():

@@ -1,0 +1,1159 @@
+"""The remote proxy's sessions, driven in memory (see rp_harness.py): pipe
+sets, the connection life cycle, backpressure both ways, id reuse (rules 8
+and 9), protocol errors and the per-connection log lines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, TCPTimedOutError
+from twisted.python.failure import Failure
+
+from tm3.multiplexer import CLOSED, OPEN, PARKED
+from tm3.pipes import FLUSH_THRESHOLD, MAX_EARLY_BYTES, PENDING_TIMEOUT
+from tm3.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
+
+from rp_harness import RP, LogCapture
+
+KiB = 1024
+MiB = 1024 * 1024
+HOST, PORT = "93.184.216.34", 443
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture().start()
+    yield capture
+    capture.stop()
+
+
+def open_conn(rp: RP, cid: int = 3, host: str = HOST, port: int = PORT, pipe: int = 0):  # type: ignore[no-untyped-def]
+    rp.send(Syn(cid, 0, host, port), pipe=pipe)
+    return rp.accept()
+
+
+# -- the pending set ---------------------------------------------------------
+
+
+def test_pipes_wait_until_the_set_is_complete_and_early_bytes_are_replayed() -> None:
+    rp = RP(n=3)
+    p0, _ = rp.add_pipe()
+    p1, _ = rp.add_pipe()
+    assert rp.mux.session is None
+    assert rp.factory.pending == [p0, p1]
+    # A fast LP: messages before the set is complete are kept, not acted on.
+    p0.dataReceived(encode_syn(3, HOST, PORT) + encode_data(3, 1, b"he"))
+    p1.dataReceived(encode_data(3, 2, b"llo")[:5])
+    assert rp.reactor.tcpClients == []
+    p2, _ = rp.add_pipe()
+    session = rp.mux.session
+    assert session is not None
+    assert session.pipes.pipes == [p0, p1, p2]
+    assert rp.factory.pending == []
+    # The replayed SYN connected, the replayed DATA is queued for it.
+    assert [(h, p) for h, p, *_ in rp.reactor.tcpClients] == [(HOST, PORT)]
+    p1.dataReceived(encode_data(3, 2, b"llo")[5:])
+    _, server = rp.accept()
+    assert server.value() == b"hello"
+    # The pending timer was cancelled with the set.
+    rp.reactor.advance(PENDING_TIMEOUT * 2)
+    assert rp.mux.session is session
+    assert not any(t.disconnected for _, t in [(p0, p0.transport), (p1, p1.transport), (p2, p2.transport)])
+
+
+def test_a_pending_pipe_sending_too_much_is_closed(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    p0, t0 = rp.add_pipe()
+    p0.dataReceived(b"\0" * MAX_EARLY_BYTES)
+    assert not t0.disconnected
+    p0.dataReceived(b"\0")
+    assert t0.disconnected
+    assert logs.matching(f"sent {MAX_EARLY_BYTES + 1} bytes before its pipe set was complete")
+    # It leaves the set at once: a TCP transport reports an abort only in a
+    # later reactor turn, and a set completed meanwhile must not include it.
+    assert rp.factory.pending == []
+    assert rp.reactor.getDelayedCalls() == []
+    session = rp.up()
+    assert p0 not in session.pipes.pipes
+    p0.connectionLost(Failure(ConnectionAborted()))
+    assert not session.ended
+
+
+def test_a_pipe_blocked_while_pending_starts_blocked() -> None:
+    rp = RP(n=2)
+    rp.pipes = [rp.add_pipe()]
+    rp.pipes[0][1].producer.pauseProducing()  # its buffer filled while pending
+    rp.pipes.append(rp.add_pipe())
+    session = rp.session
+    assert session.pipes.unblocked == 1
+    t0 = rp.pipes[0][1]
+    proto, _ = open_conn(rp)
+    for i in range(3):
+        proto.dataReceived(b"%d" % i)
+    assert [[m.seq for m in p] for p in rp.sent_per_pipe()] == [[], [0, 1, 2]]
+    t0.producer.resumeProducing()
+    assert session.pipes.unblocked == 2
+
+
+def test_a_pending_pipe_that_closes_leaves_the_set() -> None:
+    rp = RP(n=3)
+    p0, _ = rp.add_pipe()
+    p1, _ = rp.add_pipe()
+    p0.connectionLost(Failure(ConnectionDone()))
+    assert rp.factory.pending == [p1]
+    p2, _ = rp.add_pipe()
+    assert rp.mux.session is None
+    p3, _ = rp.add_pipe()
+    assert rp.mux.session is not None
+    assert rp.mux.session.pipes.pipes == [p1, p2, p3]
+
+
+def test_an_incomplete_set_is_closed_after_30_seconds(logs: LogCapture) -> None:
+    rp = RP(n=3)
+    p0, t0 = rp.add_pipe()
+    rp.reactor.advance(20)
+    p1, t1 = rp.add_pipe()
+    rp.reactor.advance(PENDING_TIMEOUT - 20 - 0.001)
+    assert not t0.disconnected and not t1.disconnected
+    assert rp.factory.pending == [p0, p1]
+    rp.reactor.advance(0.001)
+    assert t0.disconnected and t1.disconnected  # aborted
+    assert rp.factory.pending == []
+    assert logs.matching("pipe set incomplete after 30 s (2 of 3)")
+    # The closed pipes report their loss; nothing breaks, and a new set forms.
+    p0.connectionLost(Failure(ConnectionAborted()))
+    p1.connectionLost(Failure(ConnectionAborted()))
+    rp.up()
+    assert rp.mux.session is not None
+
+
+def test_timer_restarts_for_a_new_set_after_the_old_one_emptied() -> None:
+    rp = RP(n=2)
+    p0, t0 = rp.add_pipe()
+    p0.connectionLost(Failure(ConnectionDone()))
+    rp.reactor.advance(25)
+    _, t1 = rp.add_pipe()
+    rp.reactor.advance(25)
+    assert not t1.disconnected
+    rp.reactor.advance(5)
+    assert t1.disconnected
+
+
+def test_a_new_complete_set_replaces_the_session(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    old = rp.up()
+    old_pipes = list(rp.pipes)
+    _, server = open_conn(rp)
+    rp.send(Data(3, 1, b"x"))
+    assert server.value() == b"x"
+    new = rp.up()
+    assert new is not old
+    assert old.ended and not new.ended
+    assert server.disconnected  # aborted: RST to the server
+    assert all(t.disconnected for _, t in old_pipes)
+    assert not any(t.disconnected for _, t in rp.pipes)
+    assert rp.mux.stats.sessions == 2 and rp.mux.stats.sessions_ended == 1
+    assert [e["how"] for e in logs.ends()] == ["session-lost"]
+    # The old pipes' and server's closing later changes nothing.
+    for p, _ in old_pipes:
+        p.connectionLost(Failure(ConnectionAborted()))
+    rp.close_server(0, ConnectionAborted())
+    assert rp.mux.session is new and not new.ended
+    assert old_pipes[0][1].value() == b""  # no FIN went out for the aborted server
+    # The new session works.
+    rp.send(Syn(3, 0, "10.0.0.7", 80))
+    assert rp.reactor.tcpClients[-1][:2] == ("10.0.0.7", 80)
+
+
+def test_a_closing_pipe_ends_the_session() -> None:
+    rp = RP(n=3)
+    rp.up()
+    _, server = open_conn(rp)
+    rp.pipes[2][0].connectionLost(Failure(ConnectionLost()))
+    assert rp.mux.session is None
+    assert server.disconnected
+    assert all(t.disconnected for _, t in rp.pipes[:2])
+    rp.up()
+    assert rp.mux.session is not None
+
+
+# -- SYN and connect -----------------------------------------------------------
+
+
+def test_syn_connects_to_host_and_port_with_the_connect_timeout() -> None:
+    rp = RP(n=1)
+    rp.up()
+    rp.send_raw(bytes.fromhex("03 00 00 00 00 00 ff ff 5d b8 d8 22 bb 01"))
+    assert [(h, p, t) for h, p, _, t, _ in rp.reactor.tcpClients] == [("93.184.216.34", 443, 10.0)]
+    rp2 = RP(n=1, connect_timeout=2.5)
+    rp2.up()
+    rp2.send(Syn(9, 0, "10.1.2.3", 8080))
+    assert [(h, p, t) for h, p, _, t, _ in rp2.reactor.tcpClients] == [("10.1.2.3", 8080, 2.5)]
+
+
+def test_data_before_connect_is_queued_and_written_in_order() -> None:
+    rp = RP(n=2)
+    rp.up()
+    rp.send(Syn(3, 0, HOST, PORT), pipe=1)
+    rp.send(Data(3, 2, b"cd"), pipe=0)
+    rp.send(Data(3, 1, b"ab"), pipe=1)
+    rp.send(Data(3, 3, b"ef"), pipe=0)
+    assert rp.session.queued_total == 6
+    _, server = rp.accept()
+    assert server.value() == b"abcdef"
+    assert rp.session.queued_total == 0
+    rp.send(Data(3, 4, b"g"))
+    assert server.value() == b"abcdefg"
+
+
+def test_data_overtaking_its_syn_is_held_and_taken_over() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    rp.send(Data(3, 2, b"cd"), Data(3, 1, b"ab"), pipe=0)
+    assert rp.reactor.tcpClients == []
+    assert 3 in session.orphans
+    rp.send(Syn(3, 0, HOST, PORT), pipe=1)
+    assert session.orphans == {} and session.orphan_total == 0
+    _, server = rp.accept()
+    assert server.value() == b"abcd"
+    rp.reactor.advance(60)  # the orphan timer was cancelled
+    assert rp.mux.stats.tails_dropped == 0
+    assert server.value() == b"abcd"
+
+
+def test_zero_length_data_is_accepted() -> None:
+    rp = RP(n=1)
+    rp.up()
+    _, server = open_conn(rp)
+    rp.send(Data(3, 1, b""), Data(3, 2, b"z"))
+    assert server.value() == b"z"
+    assert rp.session.conns[3].rx.next_seq == 3
+
+
+# -- server -> LP --------------------------------------------------------------
+
+
+def test_server_data_is_cut_at_max_payload_with_consecutive_seqs() -> None:
+    rp = RP(n=1, max_payload=5)
+    rp.up()
+    proto, _ = open_conn(rp)
+    proto.dataReceived(b"abcdefghijkl")
+    proto.dataReceived(b"mn")
+    assert rp.pipes[0][1].value() == b""  # written at the end of the turn
+    rp.flush()
+    assert rp.pipes[0][1].value() == (
+        encode_data(3, 0, b"abcde") + encode_data(3, 1, b"fghij") + encode_data(3, 2, b"kl") + encode_data(3, 3, b"mn")
+    )
+
+
+def test_server_data_default_payload_is_4096() -> None:
+    rp = RP(n=1)
+    rp.up()
+    proto, _ = open_conn(rp)
+    data = bytes(range(256)) * 40  # 10240 bytes
+    proto.dataReceived(data)
+    assert rp.sent() == [Data(3, 0, data[:4096]), Data(3, 1, data[4096:8192]), Data(3, 2, data[8192:])]
+
+
+def test_tx_seq_wraps_at_2_32() -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    proto, _ = open_conn(rp)
+    session.conns[3].tx_seq = 2**32 - 1
+    proto.dataReceived(b"a")
+    proto.dataReceived(b"b")
+    proto.readConnectionLost()
+    rp.flush()
+    assert rp.pipes[0][1].value() == encode_data(3, 2**32 - 1, b"a") + encode_data(3, 0, b"b") + encode_fin(3, 1, 0x88)
+
+
+def test_server_half_close_sends_fin_after_its_data_and_keeps_writing(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    proto, server = open_conn(rp)
+    rp.send(Data(3, 1, b"req"))
+    proto.dataReceived(b"resp")
+    proto.readConnectionLost()
+    assert rp.sent() == [Data(3, 0, b"resp"), Fin(3, 1, 0x88)]
+    # Half-close: the LP's data still reaches the server.
+    rp.send(Data(3, 2, b"more"))
+    assert server.value() == b"reqmore"
+    assert not server.write_closed
+    rp.send(Fin(3, 3, 0x88))
+    assert server.write_closed
+    assert server.disconnecting  # both halves shut down: the socket is closed
+    assert session.conns == {}
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert rp.sent() == []
+    assert session.live == set()
+    (end,) = logs.ends()
+    assert (end["conn_id"], end["host"], end["port"], end["how"], end["up"], end["down"]) == (3, HOST, PORT, "fin", 7, 4)
+
+
+def test_server_reset_sends_fin_0x99_after_its_data(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    proto, server = open_conn(rp)
+    proto.dataReceived(b"partial")
+    proto.connectionLost(Failure(ConnectionLost()))
+    assert rp.sent() == [Data(3, 0, b"partial"), Fin(3, 1, 0x99)]
+    assert session.conns == {} and session.live == set()
+    assert [e["how"] for e in logs.ends()] == ["rst"]
+    # What the LP still had in flight is the tail of a finished connection.
+    rp.send(Data(3, 1, b"late"), Fin(3, 2, 0x88))
+    rp.reactor.advance(10)
+    assert rp.mux.stats.tails_dropped == 2
+    assert rp.sent() == []
+
+
+def test_server_full_close_then_lp_data_is_dropped_then_lp_fin_ends_it(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    proto, server = open_conn(rp)
+    proto.readConnectionLost()
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert rp.sent() == [Fin(3, 0, 0x88)]
+    assert 3 in session.conns  # still waiting for the LP's FIN
+    rp.send(Data(3, 1, b"nobody"))
+    assert server.value() == b""
+    assert rp.mux.stats.tail_bytes_dropped == 6
+    rp.send(Fin(3, 2, 0x88))
+    assert session.conns == {}
+    assert rp.sent() == []  # one FIN per side
+    assert [e["how"] for e in logs.ends()] == ["fin"]
+
+
+# -- LP FIN --------------------------------------------------------------------
+
+
+def test_lp_fin_half_closes_the_server_after_queued_data() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    proto, server = open_conn(rp)
+    server.producer.pauseProducing()  # the server is slow
+    rp.send(Data(3, 1, b"one"), pipe=0)
+    rp.send(Fin(3, 3, 0x88), pipe=1)
+    rp.send(Data(3, 2, b"two"), pipe=0)
+    assert server.value() == b"" and not server.write_closed
+    server.producer.resumeProducing()
+    assert server.value() == b"onetwo"
+    assert server.write_closed and not server.disconnecting
+    # The server still talks; the RP relays it, then its FIN ends the connection.
+    proto.dataReceived(b"answer")
+    proto.readConnectionLost()
+    assert rp.sent() == [Data(3, 0, b"answer"), Fin(3, 1, 0x88)]
+    assert session.conns == {}
+    assert server.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert session.live == set()
+    assert rp.sent() == []
+
+
+def test_lp_fin_while_connecting_half_closes_once_connected() -> None:
+    rp = RP(n=1)
+    rp.up()
+    rp.send(Syn(3, 0, HOST, PORT), Data(3, 1, b"GET"), Fin(3, 2, 0x88))
+    _, server = rp.accept()
+    assert server.value() == b"GET"
+    assert server.write_closed
+
+
+def test_lp_fin_with_any_reason_but_0x99_is_orderly() -> None:
+    rp = RP(n=1)
+    rp.up()
+    _, server = open_conn(rp)
+    rp.send(Data(3, 1, b"x"), Fin(3, 2, 0x00))
+    assert server.write_closed and not server.disconnected
+
+
+def test_lp_rst_aborts_the_server_drops_queued_data_and_sends_no_fin(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    proto, server = open_conn(rp)
+    server.producer.pauseProducing()
+    rp.send(Data(3, 1, b"queued"), Fin(3, 2, 0x99))
+    assert server.disconnected  # abortConnection
+    assert session.queued_total == 0
+    assert session.conns == {}
+    proto.connectionLost(Failure(ConnectionAborted()))
+    assert server.value() == b""
+    assert rp.sent() == []
+    assert [(e["how"], e["up"]) for e in logs.ends()] == [("rst", 0)]
+
+
+def test_lp_rst_while_connecting_stops_the_connect_and_sends_no_fin(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    rp.send(Syn(3, 0, HOST, PORT), Data(3, 1, b"x"), Fin(3, 2, 0x99))
+    assert rp.reactor.connectors[0].stopped
+    assert session.conns == {} and session.live == set()
+    assert rp.sent() == []
+    assert [e["how"] for e in logs.ends()] == ["rst"]
+    # The connect was stopped by us: not a connect failure.
+    assert rp.mux.stats.connect_failures == 0
+    assert logs.matching("failed") == []
+
+
+# -- connect failure ---------------------------------------------------------------
+
+
+def test_connect_failure_sends_fin_0x99_seq_0(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    rp.send(Syn(3, 0, HOST, PORT), Data(3, 1, b"hello"))
+    rp.refuse()
+    assert rp.sent() == [Fin(3, 0, 0x99)]
+    assert rp.pipes[0][1].value() == bytes.fromhex("03 00 00 00 00 00 fe ff 99")
+    assert session.conns == {} and session.live == set() and session.queued_total == 0
+    assert rp.mux.stats.connect_failures == 1
+    (end,) = logs.ends()
+    # Nothing reached a server: "up" counts bytes written, not bytes received.
+    assert (end["conn_id"], end["how"], end["up"], end["down"]) == (3, "connect-failed", 0, 0)
+    assert rp.mux.stats.bytes_from_pipes == 0
+    assert rp.mux.stats.tail_bytes_dropped == 5
+    assert logs.matching(f"conn 3: connect to {HOST}:{PORT} failed")
+    # DATA in flight when the RP reported the failure: dropped, counted.
+    rp.send(Data(3, 2, b"late"), Fin(3, 3, 0x88))
+    rp.reactor.advance(10)
+    assert rp.mux.stats.tails_dropped == 2
+    assert rp.sent() == []
+
+
+def test_connect_timeout_is_a_connect_failure() -> None:
+    rp = RP(n=1)
+    rp.up()
+    rp.send(Syn(3, 0, HOST, PORT))
+    rp.refuse(reason=TCPTimedOutError())
+    assert rp.sent() == [Fin(3, 0, 0x99)]
+
+
+def test_connect_failure_after_lp_fin_still_sends_rst() -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    rp.send(Syn(3, 0, HOST, PORT), Fin(3, 1, 0x88))
+    rp.refuse()
+    assert rp.sent() == [Fin(3, 0, 0x99)]
+    assert session.conns == {}
+
+
+# -- pipe selection and download backpressure -----------------------------------
+
+
+def test_messages_are_spread_round_robin_over_unpaused_pipes() -> None:
+    rp = RP(n=3)
+    rp.up()
+    proto, _ = open_conn(rp)
+    for i in range(6):
+        proto.dataReceived(b"%d" % i)
+    per = rp.sent_per_pipe()
+    assert [[m.seq for m in p] for p in per] == [[0, 3], [1, 4], [2, 5]]
+    rp.pipes[1][1].producer.pauseProducing()
+    for i in range(6, 10):
+        proto.dataReceived(b"%d" % i)
+    per = rp.sent_per_pipe()
+    assert [[m.seq for m in p] for p in per] == [[6, 8], [], [7, 9]]
+    assert proto.transport.producerState == "producing"
+
+
+def test_all_pipes_paused_pauses_the_senders_until_one_resumes() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    a, ta = open_conn(rp, cid=1)
+    b, tb = open_conn(rp, cid=2)
+    c, tc = open_conn(rp, cid=3)
+    a.dataReceived(b"a")
+    b.dataReceived(b"b")
+    rp.pipes[0][1].producer.pauseProducing()
+    assert (ta.producerState, tb.producerState) == ("producing", "producing")
+    rp.pipes[1][1].producer.pauseProducing()
+    assert (ta.producerState, tb.producerState, tc.producerState) == ("paused", "paused", "producing")
+    assert rp.mux.stats.download_pauses == 1
+    # A quiet connection is paused as soon as it sends; its data is not lost.
+    c.dataReceived(b"c")
+    assert tc.producerState == "paused"
+    # A connection that opens while every pipe is blocked starts paused.
+    rp.send(Syn(4, 0, HOST, PORT))
+    _, td = rp.accept()
+    assert td.producerState == "paused"
+    rp.pipes[1][1].producer.resumeProducing()
+    assert [t.producerState for t in (ta, tb, tc, td)] == ["producing"] * 4
+    assert session.paused_readers == set()
+    assert rp.sent() == [Data(1, 0, b"a"), Data(2, 0, b"b"), Data(3, 0, b"c")]
+
+
+def test_pause_and_resume_are_idempotent() -> None:
+    rp = RP(n=2)
+    rp.up()
+    a, ta = open_conn(rp)
+    a.dataReceived(b"a")
+    for _ in range(2):
+        rp.pipes[0][1].producer.pauseProducing()
+        rp.pipes[1][1].producer.pauseProducing()
+    assert ta.producerState == "paused"
+    rp.pipes[0][1].producer.resumeProducing()
+    rp.pipes[0][1].producer.resumeProducing()
+    assert ta.producerState == "producing"
+    rp.pipes[0][1].producer.pauseProducing()
+    assert rp.session.pipes.unblocked == 0
+    rp.pipes[1][1].producer.resumeProducing()
+    assert rp.session.pipes.unblocked == 1
+
+
+def test_messages_for_one_pipe_in_one_turn_go_out_in_one_write() -> None:
+    rp = RP(n=2)
+    rp.up()
+    proto, _ = open_conn(rp)
+    for i in range(10):
+        proto.dataReceived(b"x%d" % i)
+    assert [t.write_sequences for _, t in rp.pipes] == [0, 0]
+    assert [t.value() for _, t in rp.pipes] == [b"", b""]
+    rp.flush()
+    assert [t.write_sequences for _, t in rp.pipes] == [1, 1]
+    assert rp.pipes[0][1].value() == b"".join(encode_data(3, i, b"x%d" % i) for i in range(0, 10, 2))
+    assert rp.pipes[1][1].value() == b"".join(encode_data(3, i, b"x%d" % i) for i in range(1, 10, 2))
+    rp.flush()
+    assert [t.write_sequences for _, t in rp.pipes] == [1, 1]
+
+
+def test_a_big_batch_is_written_before_the_end_of_the_turn() -> None:
+    rp = RP(n=1)
+    rp.up()
+    proto, _ = open_conn(rp)
+    pipe = rp.pipes[0][1]
+    per_message = 4096 + 8
+    needed = -(-FLUSH_THRESHOLD // per_message)  # messages to reach the threshold
+    for _ in range(needed - 1):
+        proto.dataReceived(b"y" * 4096)
+    assert pipe.write_sequences == 0
+    proto.dataReceived(b"y" * 4096)
+    assert pipe.write_sequences == 1
+    assert len(pipe.value()) == needed * per_message
+    proto.dataReceived(b"y" * 4096)
+    rp.flush()
+    assert pipe.write_sequences == 2
+    assert len(pipe.value()) == (needed + 1) * per_message
+
+
+# -- upload backpressure --------------------------------------------------------------
+
+
+def pipe_states(rp: RP) -> list[str]:
+    return [t.producerState for _, t in rp.pipes]
+
+
+def test_past_the_conn_queue_all_pipes_pause_until_half_drained(logs: LogCapture) -> None:
+    rp = RP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=1 * MiB)
+    session = rp.up()
+    _, server = open_conn(rp)
+    server.producer.pauseProducing()
+    chunks = [bytes([i]) * 4096 for i in range(1, 18)]
+    for seq, chunk in enumerate(chunks[:16], start=1):
+        rp.send(Data(3, seq, chunk), pipe=seq % 2)
+    assert session.queued_total == 64 * KiB  # at the ceiling, not past it
+    assert pipe_states(rp) == ["producing", "producing"]
+    rp.send(Data(3, 17, chunks[16]), pipe=1)
+    assert pipe_states(rp) == ["paused", "paused"]
+    assert rp.mux.stats.upload_pauses == 1
+    assert logs.matching("upload queues full")
+    # The server takes 8 chunks: 9 are left, more than half the ceiling.
+    server.pause_after = 8 * 4096
+    server.producer.resumeProducing()
+    assert session.queued_total == 9 * 4096
+    assert pipe_states(rp) == ["paused", "paused"]
+    # One more: exactly half is left, and the pipes resume.
+    server.pause_after = 4096
+    server.producer.resumeProducing()
+    assert session.queued_total == 32 * KiB
+    assert pipe_states(rp) == ["producing", "producing"]
+    server.producer.resumeProducing()
+    assert server.value() == b"".join(chunks)
+    assert session.queued_total == 0
+    assert rp.mux.stats.bytes_from_pipes == 17 * 4096
+
+
+def test_past_the_total_queue_all_pipes_pause() -> None:
+    rp = RP(n=1, conn_queue_limit=1 * MiB, total_queue_limit=64 * KiB)
+    session = rp.up()
+    _, s1 = open_conn(rp, cid=1)
+    _, s2 = open_conn(rp, cid=2)
+    s1.producer.pauseProducing()
+    s2.producer.pauseProducing()
+    for seq in range(1, 9):
+        rp.send(Data(1, seq, b"a" * 4096), Data(2, seq, b"b" * 4096))
+    assert session.queued_total == 64 * KiB
+    assert pipe_states(rp) == ["producing"]
+    rp.send(Data(1, 9, b"a" * 4096))
+    assert pipe_states(rp) == ["paused"]
+    s1.producer.resumeProducing()  # 36 KiB left, over half of 64 KiB
+    assert session.queued_total == 32 * KiB
+    assert pipe_states(rp) == ["producing"]
+
+
+def test_total_queue_resume_needs_half() -> None:
+    rp = RP(n=1, conn_queue_limit=1 * MiB, total_queue_limit=64 * KiB)
+    session = rp.up()
+    _, s1 = open_conn(rp, cid=1)
+    _, s2 = open_conn(rp, cid=2)
+    s1.producer.pauseProducing()
+    s2.producer.pauseProducing()
+    for seq in range(1, 10):
+        rp.send(Data(1, seq, b"a" * 4096), Data(2, seq, b"b" * 4096))
+    assert session.queued_total == 72 * KiB
+    assert pipe_states(rp) == ["paused"]
+    s1.pause_after = 4 * 4096
+    s1.producer.resumeProducing()
+    assert session.queued_total == 56 * KiB
+    assert pipe_states(rp) == ["paused"]
+    s2.pause_after = 6 * 4096
+    s2.producer.resumeProducing()
+    assert session.queued_total == 32 * KiB
+    assert pipe_states(rp) == ["producing"]
+
+
+def test_closing_a_connection_with_a_full_queue_resumes_the_pipes() -> None:
+    rp = RP(n=1, conn_queue_limit=64 * KiB)
+    session = rp.up()
+    proto, server = open_conn(rp)
+    server.producer.pauseProducing()
+    for seq in range(1, 18):
+        rp.send(Data(3, seq, b"q" * 4096))
+    assert pipe_states(rp) == ["paused"]
+    proto.connectionLost(Failure(ConnectionLost()))
+    assert session.queued_total == 0
+    assert pipe_states(rp) == ["producing"]
+    assert rp.sent() == [Fin(3, 0, 0x99)]
+
+
+def test_bytes_held_for_a_gap_never_pause_the_pipes() -> None:
+    rp = RP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=64 * KiB)
+    session = rp.up()
+    _, server = open_conn(rp)
+    chunks = {seq: bytes([seq]) * 4096 for seq in range(1, 41)}
+    for seq in range(2, 41):
+        rp.send(Data(3, seq, chunks[seq]), pipe=seq % 2)
+    assert session.held_budget.held > 128 * KiB
+    assert session.queued_total == 0
+    assert pipe_states(rp) == ["producing", "producing"]
+    rp.send(Data(3, 1, chunks[1]))
+    assert server.value() == b"".join(chunks[s] for s in range(1, 41))
+    assert pipe_states(rp) == ["producing", "producing"]
+    assert rp.mux.stats.upload_pauses == 0
+    assert session.held_budget.held == 0
+
+
+# -- id reuse: rule 8 ----------------------------------------------------------------
+
+
+def test_rule8_parked_syn_routing_and_the_old_fin_starts_the_new_one(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    a_proto, a = open_conn(rp, cid=7, host="10.0.0.1", port=1)
+    rp.send(Data(7, 1, b"old1"))
+    # A fast pipe brings the SYN of the id's next connection.
+    rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
+    assert len(rp.reactor.tcpClients) == 1
+    new = session.conns[7].parked
+    assert new is not None and new.state == PARKED
+    # seq 1 is behind the old one's next expected (2): the new connection's.
+    rp.send(Data(7, 1, b"new1"), pipe=1)
+    # seq 2 is the old one's.
+    rp.send(Data(7, 2, b"old2"), pipe=0)
+    assert a.value() == b"old1old2"
+    # The server closed its side already; the LP's FIN ends the old connection.
+    a_proto.readConnectionLost()
+    assert rp.sent() == [Fin(7, 0, 0x88)]
+    rp.send(Fin(7, 3, 0x88), pipe=0)
+    assert a.write_closed
+    assert [(h, p) for h, p, *_ in rp.reactor.tcpClients] == [("10.0.0.1", 1), ("10.0.0.2", 2)]
+    assert session.conns[7] is new and new.parked is None
+    b_proto, b = rp.accept()
+    assert b.value() == b"new1"
+    rp.send(Data(7, 2, b"new2"))
+    assert b.value() == b"new1new2"
+    # The new connection numbers its own messages from 0.
+    b_proto.dataReceived(b"hi")
+    assert rp.sent() == [Data(7, 0, b"hi")]
+    rp.reactor.advance(5)  # the reuse timer was cancelled
+    assert not b.disconnected
+    assert rp.mux.stats.live_id_reuses == 0
+    assert [e["how"] for e in logs.ends()] == ["fin"]
+
+
+def test_rule8_what_the_old_one_held_past_its_fin_moves_to_the_new_one() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    a_proto, a = open_conn(rp, cid=7)
+    rp.send(Data(7, 1, b"old1"))
+    a_proto.readConnectionLost()  # server done: RP sent its FIN
+    rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
+    # seq 4 is at or past the old one's next (2): held by the old one.
+    rp.send(Data(7, 4, b"new4"), pipe=1)
+    assert len(session.conns[7].rx) == 1
+    rp.send(Data(7, 2, b"old2"), pipe=0)
+    rp.send(Fin(7, 3, 0x88), pipe=0)  # the old FIN: seq 4 is past it
+    assert a.value() == b"old1old2"
+    assert len(rp.reactor.tcpClients) == 2
+    new = session.conns[7]
+    assert new.host == "10.0.0.2"
+    rp.send(Data(7, 1, b"new1"), Data(7, 2, b"new2"), Data(7, 3, b"new3"), pipe=1)
+    _, b = rp.accept()
+    assert b.value() == b"new1new2new3new4"
+
+
+def test_rule8_old_fin_before_the_server_closes_sends_later_messages_to_the_new_one() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    a_proto, a = open_conn(rp, cid=7)
+    rp.send(Data(7, 1, b"old1"), Fin(7, 2, 0x88))
+    assert a.write_closed
+    old = session.conns[7]
+    # The next connection's messages overtake its SYN; they are not the old one's.
+    rp.send(Data(7, 1, b"new1"), pipe=1)
+    rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
+    assert old.parked is not None
+    a_proto.dataReceived(b"bye")
+    a_proto.readConnectionLost()
+    assert rp.sent() == [Data(7, 0, b"bye"), Fin(7, 1, 0x88)]
+    _, b = rp.accept()
+    assert b.value() == b"new1"
+
+
+def test_rule8_two_seconds_without_the_old_fin_resets_the_old_server(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    a_proto, a = open_conn(rp, cid=7)
+    a.producer.pauseProducing()
+    rp.send(Data(7, 1, b"stuck"))
+    rp.send(Syn(7, 0, "10.0.0.2", 2), Data(7, 1, b"new1"), pipe=1)
+    rp.send(Data(7, 5, b"held"), pipe=0)  # held by the old one (gap 2..4)
+    rp.reactor.advance(1.999)
+    assert not a.disconnected
+    assert len(rp.reactor.tcpClients) == 1
+    rp.reactor.advance(0.001)
+    assert a.disconnected  # RST to the old server
+    assert session.queued_total == 4  # "stuck" dropped; "new1" waits for the new connect
+    assert rp.mux.stats.live_id_reuses == 1
+    assert logs.matching("id 7 was reused while its connection")
+    assert len(rp.reactor.tcpClients) == 2
+    a_proto.connectionLost(Failure(ConnectionAborted()))
+    # No FIN for the old connection: the LP has already reused the id.
+    assert rp.sent() == []
+    assert [e["how"] for e in logs.ends()] == ["id-reused"]
+    rp.send(Data(7, 2, b"2"), Data(7, 3, b"3"), Data(7, 4, b"4"), pipe=1)
+    _, b = rp.accept()
+    assert b.value() == b"new1234held"
+
+
+def test_rule8_two_seconds_while_the_old_one_is_still_connecting() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    rp.send(Syn(7, 0, HOST, PORT))  # never answers
+    rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
+    rp.reactor.advance(2)
+    assert rp.reactor.connectors[0].stopped
+    # The old connection must not report a connect failure: a FIN 0x99 seq 0
+    # for id 7 would be taken by the LP as the new connection's failure.
+    assert rp.sent() == []
+    assert rp.mux.stats.connect_failures == 0
+    assert rp.mux.stats.live_id_reuses == 1
+    assert len(rp.reactor.tcpClients) == 2
+    assert session.conns[7].host == "10.0.0.2"
+    _, b = rp.accept()
+    assert b.value() == b""
+    assert rp.sent() == []
+
+
+def test_rule8_a_third_syn_while_one_is_parked_is_a_protocol_error(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    rp.up()
+    open_conn(rp, cid=7)
+    rp.send(Syn(7, 0, "10.0.0.2", 2))
+    rp.send(Syn(7, 0, "10.0.0.3", 3))
+    assert rp.mux.session is None
+    assert logs.matching("duplicate SYN for connection 7")
+
+
+# -- orphans: rule 9 -----------------------------------------------------------------
+
+
+def test_rule9_orphans_are_dropped_after_10_seconds_and_counted() -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    rp.send(Data(9, 1, b"abc"), Data(9, 2, b"de"), Fin(9, 3, 0x88))
+    rp.reactor.advance(9.999)
+    assert session.orphans[9].size == 11 + 10 + 9
+    assert rp.mux.stats.tails_dropped == 0
+    rp.reactor.advance(0.001)
+    assert session.orphans == {} and session.orphan_total == 0
+    assert rp.mux.stats.tails_dropped == 3
+    assert rp.mux.stats.tail_bytes_dropped == 5
+    assert not session.ended
+    # A SYN now starts a fresh connection that has lost those messages.
+    rp.send(Syn(9, 0, HOST, PORT))
+    _, server = rp.accept()
+    assert server.value() == b""
+
+
+def test_rule9_per_id_limit_1_mib() -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    payload = b"p" * 65525  # 65533 bytes on the wire: 16 fit in 1 MiB
+    for seq in range(1, 18):
+        rp.send(Data(9, seq, payload))
+    assert len(session.orphans[9].messages) == 16
+    assert session.orphans[9].size == 16 * 65533 <= MiB
+    assert rp.mux.stats.tails_dropped == 1
+    # A small one still fits.
+    rp.send(Fin(9, 18, 0x88))
+    assert len(session.orphans[9].messages) == 17
+    rp.send(Syn(9, 0, HOST, PORT))
+    _, server = rp.accept()
+    assert server.value() == payload * 16
+
+
+def test_rule9_total_limit_16_mib() -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    payload = b"t" * 65525
+    for cid in range(16):
+        for seq in range(1, 17):
+            rp.send(Data(cid, seq, payload))
+    assert session.orphan_total == 16 * 16 * 65533 <= 16 * MiB
+    assert rp.mux.stats.tails_dropped == 0
+    rp.send(Data(16, 1, payload))
+    assert rp.mux.stats.tails_dropped == 1
+    assert session.orphan_total == 16 * 16 * 65533
+    rp.send(Fin(16, 2, 0x88))  # 9 bytes still fit
+    assert session.orphan_total == 16 * 16 * 65533 + 9
+    # Taking some over frees room.
+    rp.send(Syn(0, 0, HOST, PORT))
+    assert session.orphan_total == 15 * 16 * 65533 + 9
+    rp.send(Data(16, 3, payload))
+    assert rp.mux.stats.tails_dropped == 1
+
+
+# -- protocol errors -----------------------------------------------------------------
+
+
+def assert_session_ended_by_error(rp: RP, logs: LogCapture, pipe: int, offset: int, raw: bytes, servers: list) -> None:  # type: ignore[type-arg]
+    assert rp.mux.session is None
+    assert rp.mux.stats.protocol_errors == 1
+    pipe_name = rp.pipes[pipe][0].name
+    assert pipe_name == f"pipe 10.9.0.1:{5001 + pipe} (#{pipe})"
+    lines = logs.matching("; ending the session")
+    assert len(lines) == 1, lines
+    assert f"on {pipe_name} at offset {offset}:" in lines[0]
+    assert f"(bytes: {raw.hex(' ')})" in lines[0]
+    assert all(t.disconnected for _, t in rp.pipes)
+    assert all(t.disconnected for t in servers)
+    assert rp.reactor.getDelayedCalls() == []  # no timer outlives the session
+    # The daemon keeps running: a new set makes a new session.
+    rp.up()
+    rp.send(Syn(1, 0, "10.0.0.9", 9))
+    assert rp.reactor.tcpClients[-1][:2] == ("10.0.0.9", 9)
+
+
+@pytest.mark.parametrize("length", [0, 7])
+def test_protocol_error_length_below_8(logs: LogCapture, length: int) -> None:
+    rp = RP(n=2)
+    rp.up()
+    _, server = open_conn(rp, pipe=1)  # 14 bytes on pipe 1
+    bad = bytes.fromhex("03 00 01 00 00 00") + bytes([length, 0])
+    rp.send_raw(encode_data(3, 1, b"ok") + bad + b"junk", pipe=1)
+    assert server.value() == b"ok"  # messages before the error were acted on
+    assert_session_ended_by_error(rp, logs, 1, 14 + 10, bad, [server])
+
+
+def test_protocol_error_syn_seq_not_0(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    rp.up()
+    _, server = open_conn(rp, pipe=0)
+    bad = encode(Syn(4, 5, HOST, PORT))
+    rp.send_raw(bad, pipe=0)
+    assert_session_ended_by_error(rp, logs, 0, 14, bad, [server])
+    assert len(rp.reactor.tcpClients) == 2  # only the first and the post-error one
+
+
+def test_protocol_error_duplicate_delivered(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    rp.up()
+    _, server = open_conn(rp, pipe=0)
+    rp.send(Data(3, 1, b"ab"), pipe=1)
+    rp.send(Data(3, 1, b"ab"), pipe=1)
+    assert_session_ended_by_error(rp, logs, 1, 10, encode_data(3, 1, b"ab"), [server])
+
+
+def test_protocol_error_duplicate_held(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    rp.up()
+    _, server = open_conn(rp, pipe=0)
+    rp.send(Data(3, 5, b"x"), pipe=0)
+    rp.send(Data(3, 5, b"x"), pipe=1)
+    assert_session_ended_by_error(rp, logs, 1, 0, encode_data(3, 5, b"x"), [server])
+
+
+def test_protocol_error_beyond_window_by_seq(logs: LogCapture) -> None:
+    rp = RP(n=1, window_bytes=64 * KiB)
+    rp.up()
+    _, server = open_conn(rp)
+    # max_ahead = 64 KiB / 8 = 8192 messages past the next expected (1).
+    rp.send(Data(3, 1 + 8192, b""))
+    bad = encode_data(3, 1 + 8193, b"")
+    rp.send_raw(bad)
+    assert_session_ended_by_error(rp, logs, 0, 14 + 8, bad, [server])
+
+
+def test_protocol_error_beyond_window_by_bytes(logs: LogCapture) -> None:
+    rp = RP(n=1, window_bytes=64 * KiB)
+    rp.up()
+    _, server = open_conn(rp)
+    for seq in range(2, 17):  # 15 x (4104 + 64) = 62520 bytes held
+        rp.send(Data(3, seq, b"w" * 4096))
+    assert rp.mux.session is not None
+    bad = encode_data(3, 17, b"w" * 4096)
+    rp.send_raw(bad)
+    assert_session_ended_by_error(rp, logs, 0, 14 + 15 * 4104, bad[:16], [server])
+
+
+def test_protocol_error_beyond_total_window(logs: LogCapture) -> None:
+    rp = RP(n=1, window_bytes=64 * KiB, total_window_bytes=64 * KiB)
+    rp.up()
+    _, s1 = open_conn(rp, cid=1)
+    _, s2 = open_conn(rp, cid=2)
+    for seq in range(2, 10):
+        rp.send(Data(1, seq, b"w" * 4096))
+    for seq in range(2, 9):
+        rp.send(Data(2, seq, b"w" * 4096))
+    assert rp.mux.session is not None
+    bad = encode_data(2, 9, b"w" * 4096)
+    rp.send_raw(bad)
+    assert_session_ended_by_error(rp, logs, 0, 28 + 15 * 4104, bad[:16], [s1, s2])
+
+
+def test_protocol_error_in_early_bytes_ends_the_new_session(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    p0, t0 = rp.add_pipe()
+    p0.dataReceived(bytes(8))  # length 0
+    p1, t1 = rp.add_pipe()
+    assert rp.mux.session is None
+    assert t0.disconnected and t1.disconnected
+    assert logs.matching("at offset 0: invalid length 0")
+    rp.up()
+    assert rp.mux.session is not None
+
+
+# -- end log lines, session end ---------------------------------------------------------
+
+
+def test_end_log_line_names_id_destination_bytes_duration_and_how(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    rp.up()
+    proto, _ = open_conn(rp, cid=12, host="10.2.3.4", port=8443)
+    rp.send(Data(12, 1, b"12345"), Data(12, 2, b"678"))
+    proto.dataReceived(b"abcdefghij")
+    proto.readConnectionLost()
+    rp.send(Fin(12, 3, 0x88))
+    (event,) = logs.ends()
+    assert event["conn_id"] == 12
+    assert (event["host"], event["port"]) == ("10.2.3.4", 8443)
+    assert (event["up"], event["down"]) == (8, 10)
+    assert event["how"] == "fin"
+    assert isinstance(event["seconds"], float) and event["seconds"] >= 0
+    (text,) = logs.matching("conn 12 to")
+    assert text.startswith("conn 12 to 10.2.3.4:8443 ended: fin; up 8 B, down 10 B, ")
+    assert text.endswith(" s")
+
+
+def test_session_loss_logs_every_connection_and_forgets_everything(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    _, s1 = open_conn(rp, cid=1)
+    rp.send(Syn(2, 0, HOST, PORT))  # still connecting
+    rp.send(Data(5, 1, b"orphan"))
+    rp.pipes[0][0].connectionLost(Failure(ConnectionLost()))
+    assert sorted((e["conn_id"], e["how"]) for e in logs.ends()) == [(1, "session-lost"), (2, "session-lost")]
+    assert s1.disconnected
+    assert rp.reactor.connectors[1].stopped
+    assert session.conns == {} and session.live == set() and session.orphans == {}
+    assert rp.mux.stats.connect_failures == 0
+    rp.reactor.advance(60)
+    assert rp.mux.stats.tails_dropped == 0  # the orphan timer went with the session
+    assert logs.matching("session 1 lost after")
+
+
+def test_session_loss_cancels_every_timer() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    open_conn(rp, cid=7)
+    rp.send(Syn(7, 0, "10.0.0.2", 2))  # parked: a 2 s reuse timer
+    rp.send(Data(8, 1, b"o"))  # an orphan: a 10 s timer
+    rp.add_pipe()  # a pending pipe of the next set: a 30 s timer
+    rp.send_raw(bytes(8))  # protocol error
+    assert session.ended and rp.mux.stats.protocol_errors == 1
+    assert len(rp.reactor.getDelayedCalls()) == 1  # only the pending set's
+    rp.reactor.advance(60)
+    assert rp.mux.stats.live_id_reuses == 0 and rp.mux.stats.tails_dropped == 0
+
+
+def test_a_repeated_eof_from_the_server_sends_one_fin() -> None:
+    # A TCP transport resumed after its peer's EOF reads the EOF again.
+    rp = RP(n=1)
+    rp.up()
+    proto, _ = open_conn(rp)
+    proto.readConnectionLost()
+    proto.readConnectionLost()
+    assert rp.sent() == [Fin(3, 0, 0x88)]
+
+
+def test_stopping_the_service_ends_the_session() -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    _, server = open_conn(rp)
+    rp.mux.stopService()
+    assert session.ended and server.disconnected
+    assert rp.mux.session is None
+
+
+# -- scale ------------------------------------------------------------------------------
+
+
+def test_ten_thousand_connections_in_one_session() -> None:
+    n_conns = 10_000
+    rp = RP(n=4)
+    session = rp.up()
+    for cid in range(n_conns):
+        rp.send_raw(
+            encode_syn(cid, "10.%d.%d.1" % (cid >> 8, cid & 255), 80)
+            + encode_data(cid, 1, b"q%d" % cid)
+            + encode_fin(cid, 2, 0x88),
+            pipe=cid % 4,
+        )
+    assert len(rp.reactor.tcpClients) == n_conns
+    assert len(session.conns) == n_conns
+    for i in range(n_conns):
+        proto, server = rp.accept(i)
+        assert server.value() == b"q%d" % i and server.write_closed
+        proto.dataReceived(b"r%d" % i)
+        proto.readConnectionLost()
+        proto.connectionLost(Failure(ConnectionDone()))
+    assert session.conns == {} and session.live == set()
+    assert session.queued_total == 0 and session.held_budget.held == 0
+    assert rp.mux.stats.connections_closed == n_conns
+    out = rp.sent()
+    assert len(out) == 2 * n_conns
+    assert out[:2] == [Data(0, 0, b"r0"), Fin(0, 1, 0x88)]
+    assert out[-2:] == [Data(n_conns - 1, 0, b"r%d" % (n_conns - 1)), Fin(n_conns - 1, 1, 0x88)]
+    assert not session.ended
+
+
+def test_protocol_error_in_held_messages_from_a_server_callback(logs: LogCapture) -> None:
+    # When the old connection of a reused id ends from the server side, what
+    # it held moves to the new one; a message the new one cannot take must
+    # end the session, not escape from the socket's connectionLost.
+    rp = RP(n=2, window_bytes=64 * KiB)  # 8192 messages ahead at most
+    session = rp.up()
+    old_proto, old = open_conn(rp, cid=7)
+    rp.send_raw(b"".join(encode_data(7, seq, b"") for seq in range(1, 9001)))
+    rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
+    rp.send(Data(7, 9005, b"x"), pipe=1)  # past the old one's next (9001): held by it
+    old_proto.connectionLost(Failure(ConnectionLost()))  # must not raise
+    assert session.ended and rp.mux.session is None
+    assert rp.mux.stats.protocol_errors == 1
+    (line,) = logs.matching("; ending the session")
+    assert "protocol error in a message held for id 7: seq 9005 is 9004 ahead" in line
+    assert "(bytes: 07 00 2d 23 00 00 09 00 78)" in line
+    assert rp.reactor.getDelayedCalls() == []
+
+
+def test_protocol_error_in_held_messages_leaves_no_timers(logs: LogCapture) -> None:
+    rp = RP(n=2, window_bytes=64 * KiB)
+    session = rp.up()
+    open_conn(rp, cid=7)
+    rp.send_raw(b"".join(encode_data(7, seq, b"") for seq in range(1, 9001)))
+    rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
+    rp.send(Data(7, 9002, b"a"), Data(7, 9005, b"x"), pipe=1)  # held by the old one
+    rp.send(Fin(7, 9001, 0x99), pipe=0)  # the old one ends; 9005 is too far for the new one
+    assert session.ended
+    assert rp.mux.stats.protocol_errors == 1
+    assert len(logs.matching("; ending the session")) == 1
+    assert rp.reactor.getDelayedCalls() == []
+    assert session.orphans == {}
+
+
+# -- property: any spreading over pipes, fragmentation and interleaving ---------------
+
+
+@st.composite
+def lp_traffic(draw: st.DrawFn):  # type: ignore[no-untyped-def]
+    n_pipes = draw(st.integers(1, 4))
+    conns = draw(st.lists(st.lists(st.binary(min_size=0, max_size=20), max_size=6), min_size=1, max_size=4))
+    reasons = draw(st.lists(st.sampled_from([0x88, 0x88, 0x00]), min_size=len(conns), max_size=len(conns)))
+    # Per-connection message lists, in seq order.
+    per_conn = []
+    for cid, payloads in enumerate(conns):
+        msgs = [Syn(cid, 0, f"10.0.0.{cid + 1}", 1000 + cid)]
+        msgs += [Data(cid, i + 1, p) for i, p in enumerate(payloads)]
+        msgs.append(Fin(cid, len(payloads) + 1, reasons[cid]))
+        per_conn.append(msgs)
+    # The LP's send order: any interleaving that keeps each connection's order.
+    cursors = [0] * len(per_conn)
+    order = []
+    while any(c < len(m) for c, m in zip(cursors, per_conn)):
+        live = [i for i, m in enumerate(per_conn) if cursors[i] < len(m)]
+        i = draw(st.sampled_from(live))
+        order.append(per_conn[i][cursors[i]])
+        cursors[i] += 1
+    streams = [b"" for _ in range(n_pipes)]
+    for m in order:
+        p = draw(st.integers(0, n_pipes - 1))
+        streams[p] += encode(m)
+    # Cut each pipe's stream into reads, then interleave the reads.
+    reads = []
+    for p, stream in enumerate(streams):
+        cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=6))))
+        bounds = [0, *[c for c in cuts if c < len(stream)], len(stream)]
+        reads.append([(p, stream[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a])
+    schedule = []
+    pos = [0] * n_pipes
+    while any(pos[p] < len(reads[p]) for p in range(n_pipes)):
+        live = [p for p in range(n_pipes) if pos[p] < len(reads[p])]
+        p = draw(st.sampled_from(live))
+        accept_now = draw(st.booleans())
+        schedule.append((reads[p][pos[p]], accept_now))
+        pos[p] += 1
+    return n_pipes, conns, schedule
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lp_traffic())
+def test_any_spreading_and_fragmentation_delivers_exact_bytes(case) -> None:  # type: ignore[no-untyped-def]
+    n_pipes, conns, schedule = case
+    rp = RP(n=n_pipes)
+    session = rp.up()
+    accepted = 0
+
+    def accept_all() -> None:
+        nonlocal accepted
+        while accepted < len(rp.reactor.tcpClients):
+            rp.accept(accepted)
+            accepted += 1
+
+    for (pipe, chunk), accept_now in schedule:
+        rp.send_raw(chunk, pipe=pipe)
+        if accept_now:
+            accept_all()
+    accept_all()
+    assert not session.ended
+    assert rp.mux.stats.protocol_errors == 0
+    assert sorted((h, p) for h, p, *_ in rp.reactor.tcpClients) == sorted(
+        (f"10.0.0.{cid + 1}", 1000 + cid) for cid in range(len(conns))
+    )
+    for _, server in rp.servers.values():
+        cid = int(server.getPeer().host.rsplit(".", 1)[1]) - 1
+        assert server.value() == b"".join(conns[cid])
+        assert server.write_closed
+    assert session.orphans == {} and session.queued_total == 0 and session.held_budget.held == 0
+    assert rp.sent() == []
