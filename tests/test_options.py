@@ -105,12 +105,12 @@ BAD = [
     ("total-queue", "63KiB", "65536..17179869184"),
     ("total-queue", "17GiB", "65536..17179869184"),
     ("total-queue", "x", "65536..17179869184"),
-    ("reorder-window", "1KiB", "65536..17179869184"),
-    ("reorder-window", "17GiB", "65536..17179869184"),
-    ("reorder-window", "", "65536..17179869184"),
-    ("total-reorder-window", "1KiB", "65536..68719476736"),
-    ("total-reorder-window", "65GiB", "65536..68719476736"),
-    ("total-reorder-window", "1.5GiB", "65536..68719476736"),
+    ("reorder-window", "1KiB", "1048576..17179869184"),
+    ("reorder-window", "17GiB", "1048576..17179869184"),
+    ("reorder-window", "", "1048576..17179869184"),
+    ("total-reorder-window", "1KiB", "1048576..68719476736"),
+    ("total-reorder-window", "65GiB", "1048576..68719476736"),
+    ("total-reorder-window", "1.5GiB", "1048576..68719476736"),
 ]
 
 
@@ -185,8 +185,8 @@ def test_options_from_env_defaults() -> None:
         ("TM3_CONNECT_TIMEOUT", "never", "at most 3600"),
         ("TM3_CONN_QUEUE", "1k", "65536..1073741824"),
         ("TM3_TOTAL_QUEUE", "big", "65536..17179869184"),
-        ("TM3_REORDER_WINDOW", "0", "65536..17179869184"),
-        ("TM3_TOTAL_REORDER_WINDOW", "1TiB", "65536..68719476736"),
+        ("TM3_REORDER_WINDOW", "0", "1048576..17179869184"),
+        ("TM3_TOTAL_REORDER_WINDOW", "1TiB", "1048576..68719476736"),
         ("TM3_LISTEN", "bogus:1", "not a server endpoint string"),
     ],
 )

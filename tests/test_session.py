@@ -1157,3 +1157,51 @@ def test_any_spreading_and_fragmentation_delivers_exact_bytes(case) -> None:  # 
         assert server.write_closed
     assert session.orphans == {} and session.queued_total == 0 and session.held_budget.held == 0
     assert rp.sent() == []
+
+
+def test_tail_after_our_rst_is_dropped_on_arrival_not_held_for_a_reused_id() -> None:
+    """The RP ended the connection (connect failed) before the LP's FIN: the
+    LP's in-flight tail must not be held where a reused id's SYN would take
+    it over (it would reach the new server, then collide by seq)."""
+    rp = RP(n=1)
+    session = rp.up()
+    rp.send(Syn(4, 0, HOST, PORT))
+    rp.refuse()
+    assert rp.sent() == [Fin(4, 0, 0x99)]
+    rp.send(Data(4, 1, b"old tail"), Fin(4, 2, 0x88))  # still in flight when we reset
+    assert 4 not in session.orphans
+    assert rp.mux.stats.tails_dropped == 2
+    # The LP reuses the id (10 s after it got our FIN): a clean new connection.
+    rp.reactor.advance(10)
+    rp.send(Syn(4, 0, HOST, PORT), Data(4, 1, b"new"))
+    _, server = rp.accept()
+    assert server.value() == b"new"
+    assert not session.ended
+
+
+def test_early_data_of_a_new_connection_after_the_tombstone_expires_is_held() -> None:
+    rp = RP(n=1)
+    session = rp.up()
+    rp.send(Syn(4, 0, HOST, PORT))
+    rp.refuse()
+    rp.reactor.advance(10)
+    rp.send(Data(4, 1, b"early"))  # overtook its SYN: held, not dropped
+    assert session.orphans[4].messages == [Data(4, 1, b"early")]
+    rp.send(Syn(4, 0, HOST, PORT))
+    _, server = rp.accept()
+    assert server.value() == b"early"
+
+
+def test_tail_after_an_orderly_end_is_not_tombstoned() -> None:
+    """When the LP's FIN did arrive, messages numbered past it belong to the
+    next connection: they are held for its SYN, not dropped."""
+    rp = RP(n=1)
+    session = rp.up()
+    rp.send(Syn(6, 0, HOST, PORT))
+    proto, _ = rp.accept()
+    rp.send(Fin(6, 1, 0x88))
+    proto.readConnectionLost()
+    assert session.conns == {}
+    assert session.tombstones == {}
+    rp.send(Data(6, 1, b"next"))
+    assert session.orphans[6].messages == [Data(6, 1, b"next")]

@@ -59,8 +59,8 @@ class Options(usage.Options):
         ["connect-timeout", None, "10", "Seconds to wait for each pipe connect to the RP (0 < s <= 3600)."],
         ["conn-queue", None, "4MiB", "Bytes queued for one slow client before all pipes pause (64KiB..1GiB)."],
         ["total-queue", None, "64MiB", "Bytes queued for all clients before all pipes pause (64KiB..16GiB)."],
-        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap; more is a protocol error."],
-        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps; more is a protocol error."],
+        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
+        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -84,8 +84,8 @@ class Options(usage.Options):
         self["connect-timeout"] = parse_seconds("connect-timeout", self["connect-timeout"], 0, 3600)
         self["conn-queue"] = parse_size("conn-queue", self["conn-queue"], 64 * 1024, 1024**3)
         self["total-queue"] = parse_size("total-queue", self["total-queue"], 64 * 1024, 16 * 1024**3)
-        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 64 * 1024, 16 * 1024**3)
-        self["total-reorder-window"] = parse_size("total-reorder-window", self["total-reorder-window"], 64 * 1024, 64 * 1024**3)
+        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 1024**2, 16 * 1024**3)
+        self["total-reorder-window"] = parse_size("total-reorder-window", self["total-reorder-window"], 1024**2, 64 * 1024**3)
         self["forward"] = [parse_forward(spec) for spec in self["forward"]]
         if not (self["socks"] or self["transparent"] or self["forward"]):
             raise usage.UsageError("give at least one of --socks, --transparent or --forward: the LP has no way in")

@@ -49,8 +49,8 @@ class Options(usage.Options):
         ["connect-timeout", None, "10", "Seconds to wait for a server connect before reporting failure (0 < s <= 3600)."],
         ["conn-queue", None, "4MiB", "Upload bytes queued for one slow server before all pipes pause (64KiB..1GiB)."],
         ["total-queue", None, "64MiB", "Upload bytes queued for all servers before all pipes pause (64KiB..16GiB)."],
-        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap; more is a protocol error."],
-        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps; more is a protocol error."],
+        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
+        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
     ]  # fmt: skip
 
     def postOptions(self) -> None:
@@ -61,9 +61,9 @@ class Options(usage.Options):
         self["connect-timeout"] = parse_seconds("connect-timeout", self["connect-timeout"], 0, 3600)
         self["conn-queue"] = parse_size("conn-queue", self["conn-queue"], 64 * 1024, 1024**3)
         self["total-queue"] = parse_size("total-queue", self["total-queue"], 64 * 1024, 16 * 1024**3)
-        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 64 * 1024, 16 * 1024**3)
+        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 1024**2, 16 * 1024**3)
         self["total-reorder-window"] = parse_size(
-            "total-reorder-window", self["total-reorder-window"], 64 * 1024, 64 * 1024**3
+            "total-reorder-window", self["total-reorder-window"], 1024**2, 64 * 1024**3
         )
         from twisted.internet import reactor
 

@@ -70,6 +70,9 @@ class RemoteSession(Session):
     def __init__(self, pipes: list[PipeProtocol], reactor: Any, settings: Settings, stats: Stats, **kw: Any) -> None:
         self.orphans: dict[int, _Orphans] = {}
         self.orphan_total = 0
+        # id -> until when its in-flight tail is dropped on arrival (at most
+        # one entry per id, so bounded by 65536; expired lazily).
+        self.tombstones: dict[int, float] = {}
         super().__init__(pipes, reactor, settings, stats, **kw)
 
     # -- routing (PROTOCOL.md rules 8 and 9) ---------------------------------
@@ -81,6 +84,12 @@ class RemoteSession(Session):
             self._syn(conn, msg)
             return
         if conn is None:
+            deadline = self.tombstones.get(cid)
+            if deadline is not None:
+                if self.reactor.seconds() < deadline:
+                    self.drop_tail(msg)
+                    return
+                del self.tombstones[cid]
             self.hold_orphan(msg)
             return
         target: Connection | None = conn
@@ -98,6 +107,7 @@ class RemoteSession(Session):
         cid = msg.conn_id
         if msg.seq != 0:
             raise ProtocolError(f"SYN for connection {cid} with seq {msg.seq} (a SYN is always seq 0)")
+        self.tombstones.pop(cid, None)
         conn = Connection(self, cid, msg.host, msg.port)
         self.stats.connections_opened += 1
         if old is None:
@@ -219,8 +229,18 @@ class RemoteSession(Session):
                 self._route_held(held)
             else:
                 del self.conns[cid]
-                for m in held:
-                    self.hold_orphan(m)
+                if conn.fin_received is None:
+                    # We ended it before the LP's last message came (connect
+                    # failed, server reset): the LP's tail is still in flight.
+                    # Drop it on arrival for a while rather than hold it where
+                    # a reused id's SYN could take it over (rule 7: the LP
+                    # reuses the id only 10 s after it got our FIN).
+                    self.tombstones[cid] = self.reactor.seconds() + self.settings.orphan_timeout
+                    for m in held:
+                        self.drop_tail(m)
+                else:
+                    for m in held:  # numbered past its FIN: the next connection's
+                        self.hold_orphan(m)
             return
         current = self.conns.get(cid)
         if current is not None and current.parked is conn:
@@ -254,6 +274,7 @@ class RemoteSession(Session):
                 orphans.timer.cancel()
         self.orphans.clear()
         self.orphan_total = 0
+        self.tombstones.clear()
 
 
 class Multiplexer(Service):
