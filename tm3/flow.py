@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import cast
 
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from zope.interface import implementer
 
 
@@ -54,3 +54,13 @@ def unregister_producer(transport: object) -> None:
     and loseWriteConnection do not finish while one is registered."""
     if getattr(transport, "producer", None) is not None:
         cast(IConsumer, transport).unregisterProducer()
+
+
+def abort_transport(transport: object) -> None:
+    """Close at once, dropping buffered data (TCP RST where possible)."""
+    unregister_producer(transport)
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        cast(ITransport, transport).loseConnection()

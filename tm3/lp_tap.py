@@ -9,8 +9,7 @@ from twisted.python import usage
 
 from .local import LocalProxy, forward_factory, resolve_ipv4, socks_factory, transparent_factory
 from .multiplexer import Settings
-from .options import parse_int, parse_seconds, parse_size
-from .wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
+from .options import TUNING_PARAMETERS, check_server_endpoint, parse_int, parse_tuning, settings_from
 
 DEFAULT_RP_PORT = 6000
 
@@ -55,12 +54,7 @@ class Options(usage.Options):
         ["pipes", "n", None, "Pipes to open to the RP (required, 1..1024; the RP must expect the same number)."],
         ["socks", "s", None, "Listen for SOCKS5 clients (CONNECT, no auth) on this server endpoint, like tcp:1080:interface=127.0.0.1."],
         ["transparent", "t", None, "Listen for iptables-redirected connections on this server endpoint, like tcp:6001."],
-        ["max-payload", None, str(DEFAULT_PAYLOAD), f"Payload bytes per DATA message sent to the RP (1..{MAX_PAYLOAD})."],
-        ["connect-timeout", None, "10", "Seconds to wait for each pipe connect to the RP (0 < s <= 3600)."],
-        ["conn-queue", None, "4MiB", "Bytes queued for one slow client before all pipes pause (64KiB..1GiB)."],
-        ["total-queue", None, "64MiB", "Bytes queued for all clients before all pipes pause (64KiB..16GiB)."],
-        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
-        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
+        *TUNING_PARAMETERS,
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -80,36 +74,18 @@ class Options(usage.Options):
             raise usage.UsageError("--pipes is required: how many pipes to open to the RP (1..1024)")
         self["remote"] = parse_remote(self["remote"])
         self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
-        self["max-payload"] = parse_size("max-payload", self["max-payload"], 1, MAX_PAYLOAD)
-        self["connect-timeout"] = parse_seconds("connect-timeout", self["connect-timeout"], 0, 3600)
-        self["conn-queue"] = parse_size("conn-queue", self["conn-queue"], 64 * 1024, 1024**3)
-        self["total-queue"] = parse_size("total-queue", self["total-queue"], 64 * 1024, 16 * 1024**3)
-        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 1024**2, 16 * 1024**3)
-        self["total-reorder-window"] = parse_size("total-reorder-window", self["total-reorder-window"], 1024**2, 64 * 1024**3)
+        parse_tuning(self)
         self["forward"] = [parse_forward(spec) for spec in self["forward"]]
         if not (self["socks"] or self["transparent"] or self["forward"]):
             raise usage.UsageError("give at least one of --socks, --transparent or --forward: the LP has no way in")
-        from twisted.internet import reactor
-
         for option, desc in [("socks", self["socks"]), ("transparent", self["transparent"])] + [
             ("forward", f[0]) for f in self["forward"]
         ]:
-            if desc is None:
-                continue
-            try:
-                endpoints.serverFromString(reactor, desc)
-            except (ValueError, KeyError, TypeError) as e:
-                raise usage.UsageError(f"--{option}: not a server endpoint string: {desc!r} ({e})") from None
+            if desc is not None:
+                check_server_endpoint(option, desc)
 
     def settings(self) -> Settings:
-        return Settings(
-            max_payload=self["max-payload"],
-            connect_timeout=self["connect-timeout"],
-            conn_queue_limit=self["conn-queue"],
-            total_queue_limit=self["total-queue"],
-            window_bytes=self["reorder-window"],
-            total_window_bytes=self["total-reorder-window"],
-        )
+        return settings_from(self)
 
 
 def makeService(config: Options, reactor: Any = None) -> LocalProxy:

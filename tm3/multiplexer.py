@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .flow import WriteGate, register_producer, unregister_producer
+from .flow import WriteGate, abort_transport, register_producer, unregister_producer
 from .pipes import PipeProtocol, PipeSet
 from .reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES, HeldBudget, ReorderBuffer, ReorderError
 from .wire import (
@@ -223,15 +223,8 @@ class StreamProtocol(Protocol):
         if self.aborted:
             return
         self.aborted = True
-        transport = self.transport
-        if transport is None:
-            return
-        unregister_producer(transport)
-        abort = getattr(transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            transport.loseConnection()
+        if self.transport is not None:
+            abort_transport(self.transport)
 
 
 class Session:

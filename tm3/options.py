@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
+from twisted.internet import endpoints
 from twisted.python import usage
+
+from .multiplexer import Settings
+from .wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
 
@@ -76,3 +81,49 @@ def argv_from_env(environ: Mapping[str, str], names: Mapping[str, str]) -> list[
             continue
         argv += ["--" + option, value]
     return argv
+
+
+# The tuning options both proxies take, in usage.Options' optParameters form;
+# what "queued" means is said from the RP's side (the LP's peer is a client).
+TUNING_PARAMETERS: list[list[Any]] = [
+    ["max-payload", None, str(DEFAULT_PAYLOAD), f"Payload bytes per DATA message sent on the pipes (1..{MAX_PAYLOAD}); "
+     "the reference LP is only known to handle 4096."],
+    ["connect-timeout", None, "10", "Seconds to wait for a connect before reporting failure (0 < s <= 3600)."],
+    ["conn-queue", None, "4MiB", "Bytes queued for one slow socket before all pipes pause (64KiB..1GiB)."],
+    ["total-queue", None, "64MiB", "Bytes queued for all sockets before all pipes pause (64KiB..16GiB)."],
+    ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
+    ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
+]  # fmt: skip
+
+
+def parse_tuning(config: usage.Options) -> None:
+    """Check and convert the :data:`TUNING_PARAMETERS` in place."""
+    config["max-payload"] = parse_size("max-payload", config["max-payload"], 1, MAX_PAYLOAD)
+    config["connect-timeout"] = parse_seconds("connect-timeout", config["connect-timeout"], 0, 3600)
+    config["conn-queue"] = parse_size("conn-queue", config["conn-queue"], 64 * 1024, 1024**3)
+    config["total-queue"] = parse_size("total-queue", config["total-queue"], 64 * 1024, 16 * 1024**3)
+    config["reorder-window"] = parse_size("reorder-window", config["reorder-window"], 1024**2, 16 * 1024**3)
+    config["total-reorder-window"] = parse_size(
+        "total-reorder-window", config["total-reorder-window"], 1024**2, 64 * 1024**3
+    )
+
+
+def settings_from(config: usage.Options) -> Settings:
+    return Settings(
+        max_payload=config["max-payload"],
+        connect_timeout=config["connect-timeout"],
+        conn_queue_limit=config["conn-queue"],
+        total_queue_limit=config["total-queue"],
+        window_bytes=config["reorder-window"],
+        total_window_bytes=config["total-reorder-window"],
+    )
+
+
+def check_server_endpoint(option: str, description: str) -> None:
+    """A usage error unless ``description`` is a Twisted server endpoint string."""
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(f"--{option}: not a server endpoint string: {description!r} ({e})") from None

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .flow import WriteGate, register_producer, unregister_producer
+from .flow import WriteGate, abort_transport, register_producer
 from .wire import Decoder
 
 # Write a pipe's batch at once when it grows past this, instead of waiting for
@@ -154,12 +154,7 @@ class PipeProtocol(Protocol):
         self.owner = None
         transport = self.transport
         if transport is not None and self.connected_:
-            unregister_producer(transport)
-            abort = getattr(transport, "abortConnection", None)
-            if abort is not None:
-                abort()
-            else:
-                transport.loseConnection()
+            abort_transport(transport)
 
     def _paused(self) -> None:
         if self.pipe_set is not None:

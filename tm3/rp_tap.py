@@ -16,10 +16,9 @@ from twisted.python import usage
 
 from .listening import ListeningService
 from .multiplexer import Settings
-from .options import argv_from_env, parse_int, parse_seconds, parse_size
+from .options import TUNING_PARAMETERS, argv_from_env, check_server_endpoint, parse_int, parse_tuning, settings_from
 from .pipes import PipeFactory
 from .server import Multiplexer
-from .wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
 
 ENVIRONMENT = {
     "TM3_PIPES": "pipes",
@@ -44,43 +43,18 @@ class Options(usage.Options):
         ["pipes", "n", None, "Pipes in a session: the RP waits for exactly this many from the LP (required, 1..1024)."],
         ["listen", "l", "tcp:6000", "Where to accept pipes: a Twisted server endpoint string "
          "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path)."],
-        ["max-payload", None, str(DEFAULT_PAYLOAD), f"Payload bytes per DATA message sent to the LP (1..{MAX_PAYLOAD}); "
-         "the reference LP is only known to handle 4096."],
-        ["connect-timeout", None, "10", "Seconds to wait for a server connect before reporting failure (0 < s <= 3600)."],
-        ["conn-queue", None, "4MiB", "Upload bytes queued for one slow server before all pipes pause (64KiB..1GiB)."],
-        ["total-queue", None, "64MiB", "Upload bytes queued for all servers before all pipes pause (64KiB..16GiB)."],
-        ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
-        ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
+        *TUNING_PARAMETERS,
     ]  # fmt: skip
 
     def postOptions(self) -> None:
         if self["pipes"] is None:
             raise usage.UsageError("--pipes is required: the number of pipes the LP opens (1..1024)")
         self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
-        self["max-payload"] = parse_size("max-payload", self["max-payload"], 1, MAX_PAYLOAD)
-        self["connect-timeout"] = parse_seconds("connect-timeout", self["connect-timeout"], 0, 3600)
-        self["conn-queue"] = parse_size("conn-queue", self["conn-queue"], 64 * 1024, 1024**3)
-        self["total-queue"] = parse_size("total-queue", self["total-queue"], 64 * 1024, 16 * 1024**3)
-        self["reorder-window"] = parse_size("reorder-window", self["reorder-window"], 1024**2, 16 * 1024**3)
-        self["total-reorder-window"] = parse_size(
-            "total-reorder-window", self["total-reorder-window"], 1024**2, 64 * 1024**3
-        )
-        from twisted.internet import reactor
-
-        try:
-            endpoints.serverFromString(reactor, self["listen"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise usage.UsageError(f"--listen: not a server endpoint string: {self['listen']!r} ({e})") from None
+        parse_tuning(self)
+        check_server_endpoint("listen", self["listen"])
 
     def settings(self) -> Settings:
-        return Settings(
-            max_payload=self["max-payload"],
-            connect_timeout=self["connect-timeout"],
-            conn_queue_limit=self["conn-queue"],
-            total_queue_limit=self["total-queue"],
-            window_bytes=self["reorder-window"],
-            total_window_bytes=self["total-reorder-window"],
-        )
+        return settings_from(self)
 
 
 class RemoteProxyService(MultiService):
