@@ -41,13 +41,27 @@ def parse_forward(text: str) -> tuple[str, str, int]:
     return listen, ip, port
 
 
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """Twisted's TCP endpoints default to a listen backlog of 50, which drops
+    SYNs when many clients connect at once (seen at 10,000 connections);
+    give application listeners a deeper one unless the user chose."""
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
 class Options(usage.Options):
     synopsis = "--remote HOST[:PORT] --pipes N [--socks ENDPOINT] [--transparent ENDPOINT] [--forward SPEC]..."
     longdesc = (
         "TM3 local proxy (LP). Opens N pipes to the TM3 remote proxy and carries the "
         "application connections it intercepts over them. Give at least one way in: "
         "--socks (SOCKS5, no root needed), --transparent (connections redirected by "
-        "iptables; see tm3-redirect), or --forward (a fixed destination)."
+        "iptables; see tm3-redirect), or --forward (a fixed destination). TCP listeners "
+        f"get backlog={DEFAULT_BACKLOG} unless the endpoint string sets one."
     )
     optParameters = [
         ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}); names are resolved once at start."],
@@ -96,13 +110,13 @@ def makeService(config: Options, reactor: Any = None) -> LocalProxy:
     host, port = config["remote"]
     proxy = LocalProxy(reactor, host, port, config["pipes"], config.settings(), config["connect-timeout"])
     if config["socks"]:
-        proxy.add_listener(endpoints.serverFromString(reactor, config["socks"]), socks_factory(proxy), "SOCKS5")
+        proxy.add_listener(endpoints.serverFromString(reactor, with_backlog(config["socks"])), socks_factory(proxy), "SOCKS5")
     if config["transparent"]:
         proxy.add_listener(
-            endpoints.serverFromString(reactor, config["transparent"]), transparent_factory(proxy), "transparent"
+            endpoints.serverFromString(reactor, with_backlog(config["transparent"])), transparent_factory(proxy), "transparent"
         )
     for listen, fhost, fport in config["forward"]:
         proxy.add_listener(
-            endpoints.serverFromString(reactor, listen), forward_factory(proxy, fhost, fport), f"forward to {fhost}:{fport}"
+            endpoints.serverFromString(reactor, with_backlog(listen)), forward_factory(proxy, fhost, fport), f"forward to {fhost}:{fport}"
         )
     return proxy
