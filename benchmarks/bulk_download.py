@@ -1,0 +1,181 @@
+"""Bulk throughput of the RP over loopback: not a test, a measurement.
+
+Starts the real RP (``twistd -n tm3rp``) in a subprocess with 4 pipes (and
+then 1 pipe, for comparison), a source and a sink server (blocking sockets in
+threads, so the servers cost next to nothing), and drives them with the test
+LP of ``tests/lpclient.py``: a download of ``--size`` MiB, hashed as it
+arrives and checked against the source's sha256, then an upload of the same
+size checked by the sink's digest. Prints MiB/s and MB/s for each, and the CPU time the RP process used (about
+equal to the wall time means the RP is the bottleneck).
+
+    /work/venv/bin/python benchmarks/bulk_download.py [--size 512] [--pipes 4 1]
+        [--payload 4096] [--profile DIR]
+
+``--profile DIR`` runs the RP under ``twistd --profiler cprofile`` and writes
+``DIR/rp-<pipes>.prof`` (read it with ``python -m pstats``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from lpclient import LPClient, with_timeout
+from servers import Event, Pattern
+from twisted.internet import defer, task
+from twisted.internet.protocol import ProcessProtocol
+
+MiB = 1024 * 1024
+TWISTD = str(Path(sys.executable).parent / "twistd")
+LISTENING = re.compile(rb"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)")
+
+
+class ThreadServer:
+    """One connection, served by a blocking thread: ``source`` sends ``size``
+    pattern bytes then closes; ``sink`` hashes until EOF, answers
+    ``"<count> <sha256>\\n"`` and closes."""
+
+    def __init__(self, kind: str, size: int = 0, seed: int = 1) -> None:
+        self.kind = kind
+        self.size = size
+        self.seed = seed
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.result: Any = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.sock.accept()
+        self.sock.close()
+        with conn:
+            if self.kind == "source":
+                for chunk in Pattern(self.seed).chunks(self.size, 512 * 1024):
+                    conn.sendall(chunk)
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(65536):
+                    pass
+            else:
+                h = hashlib.sha256()
+                n = 0
+                while True:
+                    data = conn.recv(1024 * 1024)
+                    if not data:
+                        break
+                    n += len(data)
+                    h.update(data)
+                self.result = (n, h.hexdigest())
+                conn.sendall(f"{n} {h.hexdigest()}\n".encode())
+
+
+class Daemon(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.port = Event()
+        self.ended = Event()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        m = LISTENING.search(self.output)
+        if m:
+            self.port.fire(int(m.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.fire(reason.value)
+
+
+async def start_rp(reactor: Any, pipes: int, payload: int, profile: str | None) -> Daemon:
+    argv = [TWISTD, "-n", "--pidfile="]
+    if profile:
+        argv += ["--profiler", "cprofile", "--savestats", "--profile", profile]
+    argv += ["tm3rp", "--pipes", str(pipes), "--listen", "tcp:0:interface=127.0.0.1", "--max-payload", str(payload)]
+    daemon = Daemon()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TM3_")}
+    reactor.spawnProcess(daemon, TWISTD, argv, env=env, path=str(REPO))
+    await with_timeout(daemon.port.wait(), 30)
+    return daemon
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(reactor: Any, pipes: int, size: int, payload: int, profile_dir: str | None) -> dict[str, float]:
+    profile = str(Path(profile_dir) / f"rp-{pipes}.prof") if profile_dir else None
+    daemon = await start_rp(reactor, pipes, payload, profile)
+    rp_port = daemon.port.result
+    lp = LPClient(reactor, rp_port, pipes, max_payload=payload, max_rx_payload=payload)
+    await with_timeout(lp.connect(), 10)
+    out: dict[str, float] = {}
+    try:
+        pid = daemon.transport.pid
+        src = ThreadServer("source", size, seed=1)
+        c0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        rx = lp.open(1, "127.0.0.1", src.port, streaming=True)
+        reason, _ = await with_timeout(rx.when_fin(), 600)
+        out["down"] = time.perf_counter() - t0
+        out["down_cpu"] = cpu_seconds(pid) - c0
+        lp.fin(1)
+        assert reason == 0x88, hex(reason)
+        assert rx.received == size and rx.digest == Pattern(1).digest(size), "download digest differs"
+
+        snk = ThreadServer("sink")
+        c0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        rx = lp.open(2, "127.0.0.1", snk.port)
+        await with_timeout(lp.upload(2, Pattern(2).chunks(size)), 600)
+        lp.fin(2)
+        await with_timeout(rx.when_fin(), 600)
+        out["up"] = time.perf_counter() - t0
+        out["up_cpu"] = cpu_seconds(pid) - c0
+        assert bytes(rx.data) == f"{size} {Pattern(2).digest(size)}\n".encode(), "upload digest differs"
+        assert not lp.errors, lp.errors
+    finally:
+        await lp.close()
+        daemon.transport.signalProcess("TERM")
+        await with_timeout(daemon.ended.wait(), 60)
+    return out
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> None:
+    size = args.size * MiB
+    Pattern(1).digest(size)  # precompute, off the clock
+    Pattern(2).digest(size)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    print(f"{args.size} MiB each way, payload {args.payload} B, RP = twistd subprocess, loopback")
+    for pipes in args.pipes:
+        t = await run(reactor, pipes, size, args.payload, args.profile)
+        for way in ("down", "up"):
+            s = t[way]
+            print(
+                f"  {pipes} pipe{'s' if pipes > 1 else ' '}  {way:4}  {s:6.2f} s  "
+                f"{size / MiB / s:7.1f} MiB/s  {size / 1e6 / s:7.1f} MB/s   RP CPU {t[way + '_cpu']:5.2f} s"
+            )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="MiB each way (default 512)")
+    parser.add_argument("--pipes", type=int, nargs="+", default=[4, 1], help="pipe counts to run (default 4 1)")
+    parser.add_argument("--payload", type=int, default=4096, help="DATA payload bytes, both ways (default 4096)")
+    parser.add_argument("--profile", metavar="DIR", help="profile the RP with cProfile into DIR")
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor, parser.parse_args())))
