@@ -739,6 +739,29 @@ async def test_upload_backpressure_pauses_the_pipes(env: Env) -> None:
     await until(lambda: forgotten(rp), 5, "the RP to forget the connection")
 
 
+@pytest_twisted.ensureDeferred
+async def test_lp_gone_while_upload_backpressure_has_paused_the_pipes(env: Env) -> None:
+    """Paused pipes are not read, so the reactor cannot see their EOF; the RP
+    must still notice the LP went away and end the session."""
+    rp = await env.rp(2, "--conn-queue", "1MiB")
+    srv = await env.server(servers.never_read(env.reactor, rcvbuf=64 * KiB))
+    lp = await env.lp(rp.port, 2)
+    lp.open(1, HOST, srv.port)
+    proto = await with_timeout(srv.connection(0), 5)
+    upload = defer.ensureDeferred(lp.upload(1, Pattern(12).chunks(20 * MiB)))
+    upload.addErrback(lambda f: None)  # it dies with the pipes
+    session = rp.session
+    await until(lambda: session.pipes.reading_paused, 20, "the upload ceiling to pause the pipes")
+    for i in range(2):
+        lp.close_pipe(i, abort=True)  # the LP crashed: its unsent data is never read
+    # Not read, yet noticed: through the kernel's TCP state, within a few seconds.
+    await until(lambda: session.ended, 10, "the RP to end the session")
+    assert rp.session is None
+    assert session.conns == {} and session.live == set() and session.queued_total == 0
+    proto.start_reading()  # only a reading server can see the RST the RP sent it
+    assert isinstance(await with_timeout(proto.lost.wait(), 10), Exception) and proto.reset
+
+
 # -- the real daemon ---------------------------------------------------------------------------
 
 LISTENING = rb"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"

@@ -17,10 +17,12 @@ are spread over them.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol as TypingProtocol
 
-from twisted.internet.error import ConnectionAborted
+from twisted.internet.error import ConnectionAborted, ConnectionLost
+from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -37,6 +39,11 @@ FLUSH_THRESHOLD = 64 * 1024
 # they are kept for the session, up to this much, then the pipe is dropped.
 MAX_EARLY_BYTES = 4 * 1024 * 1024
 PENDING_TIMEOUT = 30.0
+# While the pipes are not read (upload ceilings), the reactor cannot see an
+# EOF or a reset on them; ask the kernel this often instead.
+PAUSED_CHECK_INTERVAL = 1.0
+# Linux TCP states (include/net/tcp_states.h) that mean the peer is gone.
+_PEER_GONE_STATES = frozenset({7, 8, 9, 11})  # CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
 
 
 class PipeOwner(TypingProtocol):
@@ -148,6 +155,18 @@ class PipeProtocol(Protocol):
         if self.connected_ and self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
+    def peer_gone(self) -> bool:
+        """Whether the kernel says the peer closed or reset this pipe (for
+        when reading is paused and the reactor cannot notice)."""
+        get_handle = getattr(self.transport, "getHandle", None)
+        if get_handle is None or not self.connected_:
+            return False
+        try:
+            state = get_handle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except (OSError, AttributeError, IndexError, TypeError):
+            return False
+        return state in _PEER_GONE_STATES
+
     def abort(self) -> None:
         """Close the pipe now: a dead session's backlog is worth nothing."""
         self.outbox = []
@@ -184,6 +203,7 @@ class PipeSet:
         self._flush_call: IDelayedCall | None = None
         self.unblocked = 0
         self.reading_paused = False
+        self._watch: LoopingCall | None = None
         for index, pipe in enumerate(self.pipes):
             pipe.pipe_set = self
             pipe.name = f"{pipe.name} (#{index})"
@@ -254,14 +274,30 @@ class PipeSet:
             self.reading_paused = True
             for pipe in self.pipes:
                 pipe.pause_reading()
+            self._watch = LoopingCall(self._check_peers)
+            self._watch.clock = self._reactor
+            self._watch.start(PAUSED_CHECK_INTERVAL, now=False)
 
     def resume_reading(self) -> None:
         if self.reading_paused:
             self.reading_paused = False
+            self._stop_watch()
             for pipe in self.pipes:
                 pipe.resume_reading()
 
+    def _stop_watch(self) -> None:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self._watch = None
+
+    def _check_peers(self) -> None:
+        for pipe in self.pipes:
+            if pipe.peer_gone() and pipe.owner is not None:
+                pipe.owner.pipe_lost(pipe, Failure(ConnectionLost("the peer closed the pipe while it was not being read")))
+                return
+
     def close(self) -> None:
+        self._stop_watch()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
