@@ -484,6 +484,37 @@ def test_all_pipes_paused_pauses_the_senders_until_one_resumes() -> None:
     assert rp.sent() == [Data(1, 0, b"a"), Data(2, 0, b"b"), Data(3, 0, b"c")]
 
 
+def test_a_broad_burst_while_blocked_pauses_every_socket_at_once() -> None:
+    """One read per quiet socket is the lazy bound; past 1 MiB of such reads
+    while every pipe is blocked, all sockets stop at once."""
+    from tm3.multiplexer import OVERDRAFT_LIMIT
+
+    rp = RP(n=1)
+    session = rp.up()
+    conns = [open_conn(rp, cid=i) for i in range(1, 41)]
+    rp.pipes[0][1].producer.pauseProducing()
+    chunk = b"x" * 65536
+    burst = OVERDRAFT_LIMIT // len(chunk) + 1  # the read that crosses the limit
+    for proto, _ in conns[:burst]:
+        proto.dataReceived(chunk)
+    states = [t.producerState for _, t in conns]
+    assert states[:burst] == ["paused"] * burst
+    assert states[burst:] == ["paused"] * (len(conns) - burst), "quiet sockets were left reading"
+    assert session.paused_all
+    rp.pipes[0][1].producer.resumeProducing()
+    assert [t.producerState for _, t in conns] == ["producing"] * len(conns)
+    assert session.overdraft == 0 and not session.paused_all
+
+
+def test_a_few_reads_while_blocked_leave_quiet_sockets_alone() -> None:
+    rp = RP(n=1)
+    rp.up()
+    conns = [open_conn(rp, cid=i) for i in range(1, 5)]
+    rp.pipes[0][1].producer.pauseProducing()
+    conns[0][0].dataReceived(b"x" * 65536)
+    assert [t.producerState for _, t in conns] == ["paused", "producing", "producing", "producing"]
+
+
 def test_pause_and_resume_are_idempotent() -> None:
     rp = RP(n=2)
     rp.up()

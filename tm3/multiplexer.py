@@ -60,6 +60,11 @@ from .wire import (
 )
 
 MiB = 1024 * 1024
+# Past this many bytes read from sockets while every pipe is blocked, stop
+# reading all sockets at once (O(connections), so only when a broad burst
+# makes the one-read-per-socket lazy pause too loose). Sockets the epoll
+# reactor already found ready in the same poll still get their one read.
+OVERDRAFT_LIMIT = 1 * MiB
 
 # Connection states (of the socket side).
 PARKED = "parked"  # RP: SYN for a reused id whose old connection is not over
@@ -257,6 +262,9 @@ class Session:
         self.over_ceiling: set[Connection] = set()
         self.paused_readers: set[Connection] = set()
         self.recent_senders: set[Connection] = set()
+        # Socket bytes accepted while every pipe was blocked (see stream_data).
+        self.overdraft = 0
+        self.paused_all = False
         self.pipes = PipeSet(pipes, reactor, self._all_pipes_blocked, self._pipes_unblocked)
         self.started = time.monotonic()
         stats.sessions += 1
@@ -410,6 +418,9 @@ class Session:
         self.stats.messages_sent += sent
         if pipes.unblocked == 0:
             self._pause_reader(conn)
+            self.overdraft += n
+            if self.overdraft > OVERDRAFT_LIMIT and not self.paused_all:
+                self._pause_all_readers()
         else:
             self.recent_senders.add(conn)
 
@@ -573,11 +584,22 @@ class Session:
 
     def _all_pipes_blocked(self) -> None:
         self.stats.download_pauses += 1
+        self.overdraft = 0
         senders, self.recent_senders = self.recent_senders, set()
         for conn in senders:
             self._pause_reader(conn)
 
+    def _pause_all_readers(self) -> None:
+        # Many sockets that were quiet are each bringing one read while the
+        # pipes are blocked: stop them all now rather than one read at a time.
+        self.paused_all = True
+        for conn in self.live:
+            if conn.state == OPEN:
+                self._pause_reader(conn)
+
     def _pipes_unblocked(self) -> None:
+        self.overdraft = 0
+        self.paused_all = False
         paused, self.paused_readers = self.paused_readers, set()
         for conn in paused:
             conn.read_paused = False
