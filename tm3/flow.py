@@ -10,6 +10,7 @@ what to do (choose another pipe, queue, stop reading elsewhere).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import cast
 
@@ -64,3 +65,18 @@ def abort_transport(transport: object) -> None:
         abort()
     else:
         cast(ITransport, transport).loseConnection()
+
+
+def reset_pending(transport: object) -> bool:
+    """Whether the socket under ``transport`` has a pending error (SO_ERROR).
+
+    Twisted takes EPOLLHUP without EPOLLIN on a socket it reads for a clean
+    close (``posixbase._doReadOrWrite``), and the kernel does report a RST
+    that way now and then (HUP|ERR while it is still processing the RST on
+    another CPU): a half-closeable protocol then gets ``readConnectionLost``
+    for what was a reset. The error is still pending on the socket."""
+    try:
+        err = transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return False
+    return isinstance(err, int) and err != 0

@@ -18,7 +18,10 @@ over ``n`` pipes to the RP.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -31,10 +34,10 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .flow import register_producer
+from .flow import abort_transport, register_producer, reset_pending, unregister_producer
 from .ids import IdAllocator, IdsExhausted
 from .listening import ListeningService
-from .multiplexer import OPEN, Connection, Session, Settings, Stats, StreamProtocol
+from .multiplexer import CLOSED, OPEN, Connection, Session, Settings, Stats, StreamProtocol
 from .pipes import PipeProtocol
 from .socks import (
     ADDRESS_TYPE_NOT_SUPPORTED,
@@ -46,10 +49,13 @@ from .socks import (
     Socks5Protocol,
     SocksError,
 )
-from .wire import Message, ProtocolError, Syn, encode_syn
+from .wire import REASON_RST, Message, ProtocolError, Syn, encode_syn
 
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+# How long a client that does not read may delay the reset that follows a
+# server's reset (LocalSession.peer_fin): then it is reset anyway.
+RESET_FLUSH_LIMIT = 10.0
 
 
 class LocalSession(Session):
@@ -92,6 +98,30 @@ class LocalSession(Session):
             del self.conns[conn.conn_id]
             self.ids.release(conn.conn_id)
 
+    def peer_fin(self, conn: Connection, reason: int) -> None:
+        stream = conn.stream
+        if reason != REASON_RST or conn.state != OPEN or not isinstance(stream, ClientConnection) or stream.aborted:
+            super().peer_fin(conn, reason)
+            return
+        # The server reset its connection after sending every byte the RP
+        # relayed before this FIN. Over TCP those bytes reach the client
+        # before the RST; an abort now would drop whatever the client has
+        # not read yet (our queue, the transport's buffer, the kernel's).
+        conn.fin_received = reason
+        chunks, n = list(conn.queue), conn.queued
+        conn.queue.clear()
+        conn.queued = 0
+        conn.shut_pending = False
+        self.queued_total -= n
+        conn.bytes_in += n
+        self.stats.bytes_from_pipes += n
+        self._check_upload_resume(conn)
+        conn.state = CLOSED
+        self.paused_readers.discard(conn)
+        self.recent_senders.discard(conn)
+        stream.reset_when_flushed(chunks)
+        self.connection_done(conn, "rst")
+
 
 class ClientConnection(StreamProtocol):
     """An application connection accepted by the LP.
@@ -107,6 +137,7 @@ class ClientConnection(StreamProtocol):
         self.proxy = proxy
         self.destination = destination
         self.conn: Connection | None = None  # type: ignore[assignment]
+        self._reset_call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -176,8 +207,56 @@ class ClientConnection(StreamProtocol):
             StreamProtocol.readConnectionLost(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        call, self._reset_call = self._reset_call, None
+        if call is not None and call.active():
+            call.cancel()
         if self.conn is not None:
             self.conn.session.stream_closed(self.conn, self, reason)
+
+    def reset_when_flushed(self, chunks: list[bytes]) -> None:
+        """Write ``chunks``, then reset the connection once the client has
+        all that was written to it (or after :data:`RESET_FLUSH_LIMIT`)."""
+        transport = self.transport
+        if transport is None or self.aborted:
+            return
+        self.aborted = True  # the session is done with this socket
+        unregister_producer(transport)
+        transport.pauseProducing()  # type: ignore[attr-defined]
+        for chunk in chunks:
+            transport.write(chunk)
+        reactor = self.proxy.reactor
+        deadline = reactor.seconds() + RESET_FLUSH_LIMIT
+
+        def check() -> None:
+            self._reset_call = None
+            if _unsent_bytes(transport) and reactor.seconds() < deadline:
+                self._reset_call = reactor.callLater(0.01, check)
+            else:
+                abort_transport(transport)
+
+        check()
+
+    def abort(self) -> None:
+        call, self._reset_call = self._reset_call, None
+        if call is not None and call.active():  # a reset is waiting for a flush: now
+            call.cancel()
+            if self.transport is not None:
+                abort_transport(self.transport)
+            return
+        StreamProtocol.abort(self)
+
+
+def _unsent_bytes(transport: Any) -> int:
+    """Bytes written to a TCP transport that its peer has not acknowledged:
+    Twisted's buffer plus (Linux) the kernel's send queue."""
+    n = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+    n += getattr(transport, "_tempDataLen", 0)
+    try:
+        raw = fcntl.ioctl(transport.getHandle().fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+        n += struct.unpack("i", raw)[0]
+    except (AttributeError, OSError, ValueError):
+        pass
+    return n
 
 
 class NoRoute(Exception):
@@ -234,6 +313,9 @@ class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[m
             self.conn.session.stream_eof(self.conn)
 
     def readConnectionLost(self) -> None:
+        if reset_pending(self.transport):  # a RST reported as EOF: see reset_pending
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         Socks5Protocol.readConnectionLost(self)
 
     def writeConnectionLost(self) -> None:

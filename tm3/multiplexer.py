@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .flow import WriteGate, abort_transport, register_producer, unregister_producer
+from .flow import WriteGate, abort_transport, register_producer, reset_pending, unregister_producer
 from .pipes import PipeProtocol, PipeSet
 from .reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES, HeldBudget, ReorderBuffer, ReorderError
 from .wire import (
@@ -174,6 +174,9 @@ class StreamProtocol(Protocol):
             self.conn.session.stream_data(self.conn, data)
 
     def readConnectionLost(self) -> None:
+        if reset_pending(self.transport):  # a RST reported as EOF: see reset_pending
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self.read_closed = True
         if not self.aborted:
             self.conn.session.stream_eof(self.conn)
