@@ -52,6 +52,8 @@ from .socks import (
 from .wire import REASON_RST, Message, ProtocolError, Syn, encode_syn
 
 INITIAL_BACKOFF = 0.5
+# A session that lasted this long resets the redial backoff.
+STABLE_SESSION = 10.0
 MAX_BACKOFF = 30.0
 # How long a client that does not read may delay the reset that follows a
 # server's reset (LocalSession.peer_fin): then it is reset anyway.
@@ -459,8 +461,18 @@ class PipeDialer:
             return
         self.attempt = None
         attempt.dead = True  # the pipes belong to the session now
-        self.backoff = INITIAL_BACKOFF
         self.on_up(attempt.up)
+
+    def next_delay(self, session_was_useful: bool) -> float:
+        """Delay before redialing after a session ended: short after a
+        session that lasted or carried traffic, growing after ones that
+        died at once (the RP keeps closing them: it expects another --pipes)."""
+        if session_was_useful:
+            self.backoff = INITIAL_BACKOFF
+            return INITIAL_BACKOFF
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        return delay
 
     def stop(self) -> None:
         self.stopped = True
@@ -488,6 +500,8 @@ class LocalProxy(MultiService):
         self.remote = f"{host}:{port}"
         self.dialer = PipeDialer(reactor, host, port, pipes, self._pipes_up, connect_timeout)
         self._count = 0
+        self._session_started = 0.0
+        self._opened_before = 0
         self._session_waiters: list[Deferred[LocalSession]] = []
 
     def add_listener(self, endpoint: Any, factory: Factory, description: str) -> ListeningService:
@@ -524,6 +538,8 @@ class LocalProxy(MultiService):
         if session.ended:
             return
         self.session = session
+        self._session_started = self.reactor.seconds()
+        self._opened_before = self.stats.connections_opened
         self.log.info("{session} up: {n} pipes to the RP at {remote}", session=name, n=len(pipes), remote=self.remote)
         self._set_accepting(True)
         waiters, self._session_waiters = self._session_waiters, []
@@ -535,8 +551,16 @@ class LocalProxy(MultiService):
             self.session = None
             self._set_accepting(False)
             if self.running:
-                self.log.warn("pipes to the RP lost ({why}); reconnecting", why=why)
-                self.dialer.start(delay=INITIAL_BACKOFF)
+                lasted = self.reactor.seconds() - self._session_started
+                carried = self.stats.connections_opened > self._opened_before
+                delay = self.dialer.next_delay(carried or lasted >= STABLE_SESSION)
+                hint = ""
+                if lasted < 1.0 and not carried:
+                    hint = f" (it lasted {lasted:.2f} s: does the RP expect --pipes {self.dialer.n}?)"
+                self.log.warn(
+                    "pipes to the RP lost ({why}){hint}; reconnecting in {delay:.1f} s", why=why, hint=hint, delay=delay
+                )
+                self.dialer.start(delay=delay)
 
     def when_session(self) -> Deferred[LocalSession]:
         """Fires with the session once all pipes are up (at once if they are)."""
