@@ -49,7 +49,7 @@ import servers
 with warnings.catch_warnings():  # twisted.web.static warns about itself on import
     warnings.simplefilter("ignore", DeprecationWarning)
     from twisted.web.static import File
-from servers import EchoProtocol, Event, Pattern, was_reset
+from servers import EchoProtocol, Event, Pattern, RP, was_reset
 from tm3 import lp_tap, rp_tap
 from tm3.testclient import run_client
 from tm3 import testserver
@@ -312,28 +312,6 @@ def hashing_echo(r: Any) -> servers.TestServer:
 
 
 # -- the system ---------------------------------------------------------------------
-
-
-class RP:
-    """An in-process RP service."""
-
-    def __init__(self, service: Any, port: int) -> None:
-        self.service = service
-        self.port = port
-        self.stopped = False
-
-    @property
-    def stats(self) -> Any:
-        return self.service.multiplexer.stats
-
-    @property
-    def session(self) -> Any:
-        return self.service.multiplexer.session
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await within(self.service.stopService(), 10, "the RP to stop")
 
 
 class LP:

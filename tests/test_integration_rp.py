@@ -25,7 +25,7 @@ import pytest
 import pytest_twisted
 import servers
 from lpclient import LPClient, RxConn, with_timeout
-from servers import Event, Pattern, twisted_buffered, was_reset
+from servers import Event, Pattern, RP, twisted_buffered, was_reset
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -80,28 +80,6 @@ async def steady(sample: Callable[[], Any], quiet: float = 0.3, timeout: float =
 
 def sockbuf(transport: Any, option: int) -> int:
     return int(transport.getHandle().getsockopt(socket.SOL_SOCKET, option))
-
-
-class RP:
-    """An in-process RP service."""
-
-    def __init__(self, service: Any, port: int) -> None:
-        self.service = service
-        self.port = port
-        self.stopped = False
-
-    @property
-    def stats(self) -> Any:
-        return self.service.multiplexer.stats
-
-    @property
-    def session(self) -> Any:
-        return self.service.multiplexer.session
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.service.stopService()
 
 
 class Proc(ProcessProtocol):
