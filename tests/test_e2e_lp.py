@@ -351,12 +351,27 @@ class Env:
         self.ports: list[Any] = []  # other listening ports (test server, web)
         self.clients: list[Client] = []
         self.holds: list[socket.socket] = []
+        self.held_ports: dict[int, socket.socket] = {}
         self.log: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.log.append)
         self.fds = set(self.reactor.getReaders()) | set(self.reactor.getWriters())
         self.calls = {c for c in self.reactor.getDelayedCalls() if c.active()}
 
+    def hold_port(self, port: int) -> socket.socket:
+        """Keep a stopped RP's port bound but not listening: dials to it are
+        refused, and nothing else (say, the next listener on tcp:0) can take
+        it until :meth:`rp` reopens it."""
+        held = socket.socket()
+        # The old RP's connections may sit in TIME_WAIT on this port.
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind((HOST, port))
+        self.held_ports[port] = held
+        return held
+
     async def rp(self, pipes: int, port: int = 0) -> RP:
+        held = self.held_ports.pop(port, None)
+        if held is not None:
+            held.close()
         config = rp_tap.Options()
         config.parseOptions(["--pipes", str(pipes), "--listen", f"tcp:{port}:interface={HOST}"])
         service = rp_tap.makeService(config, self.reactor)
@@ -453,7 +468,7 @@ class Env:
             await step(server.stop(), 5, "a server to stop")
         for port in self.ports:
             await step(defer.maybeDeferred(port.stopListening), 5, "a port to stop listening")
-        for s in self.holds:
+        for s in [*self.holds, *self.held_ports.values()]:
             s.close()
         r = self.reactor
         # Not through step(): its own timeout would be a pending delayed call.
@@ -1018,6 +1033,7 @@ async def test_rp_restart(env: Env, pipes: int) -> None:
     first = lp.session
 
     await rp.stop()
+    env.hold_port(rp.port)
     reasons = await within(defer.gatherResults([c.lost.wait() for c in live]), 10, "the live connections to be reset")
     assert all(was_reset(r) for r in reasons), reasons
     await until(lambda: lp.session is None, 5, "the LP to notice")
@@ -1071,6 +1087,7 @@ async def test_client_waits_in_backlog_until_the_session_is_up(env: Env, pipes: 
     rp = await env.rp(pipes)
     port = rp.port
     await rp.stop()  # a port for the RP, with nothing on it yet
+    env.hold_port(port)
     lp = await env.lp(port, pipes, [srv.port], wait=False)
     await until(lambda: len(retry_delays(env)) >= 1, 10, "a failed dial")
 
