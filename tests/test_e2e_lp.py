@@ -639,14 +639,7 @@ async def test_client_that_stops_reading_holds_back_the_server(env: Env, pipes: 
     def sample() -> tuple[int, int]:
         return proto.written, lp.session.queued_total
 
-    deadline = time.monotonic() + 20
-    last, since = sample(), time.monotonic()
-    while time.monotonic() - since < 0.5:  # until nothing moves for 0.5 s: the stall
-        assert time.monotonic() < deadline, f"no stall: {sample()}"
-        await sleep(0.05)
-        if sample() != last:
-            last, since = sample(), time.monotonic()
-    written, queued = last
+    written, queued = await stalled(sample)
     print(f"\n[{pipes} pipe(s)] stalled with {written / MiB:.1f} MiB sent by the server, {queued / MiB:.2f} MiB queued in the LP")
     assert written < size // 4, f"the server was not held back: {written} of {size} bytes sent"
     assert queued <= 4 * MiB + pipes * 256 * KiB, f"the LP queued {queued} bytes for one connection"
@@ -674,14 +667,7 @@ async def test_server_that_stops_reading_holds_back_the_client(env: Env, pipes: 
     def sample() -> tuple[int, int]:
         return writer.written, rp.session.queued_total
 
-    deadline = time.monotonic() + 20
-    last, since = sample(), time.monotonic()
-    while time.monotonic() - since < 0.5:  # until nothing moves for 0.5 s: the stall
-        assert time.monotonic() < deadline, f"no stall: {sample()}"
-        await sleep(0.05)
-        if sample() != last:
-            last, since = sample(), time.monotonic()
-    written, queued = last
+    written, queued = await stalled(sample)
     print(f"\n[{pipes} pipe(s), {mode}] stalled with {written / MiB:.1f} MiB written by the client, {queued / MiB:.2f} MiB queued in the RP")
     assert written < size // 4, f"the client was not held back: {written} of {size} bytes taken"
     assert queued <= 4 * MiB + pipes * 256 * KiB, f"the RP queued {queued} bytes for one connection"
@@ -1011,6 +997,18 @@ async def test_server_closes_at_once(env: Env, pipes: int, mode: str) -> None:
 
 
 # -- sessions: restart, backlog ---------------------------------------------------------
+
+
+async def stalled(sample: Callable[[], Any], quiet: float = 0.5, timeout: float = 20.0) -> Any:
+    """Wait until ``sample()`` stops changing for ``quiet`` seconds; its value then."""
+    deadline = time.monotonic() + timeout
+    last, since = sample(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"no stall: {sample()}"
+        await sleep(0.05)
+        if sample() != last:
+            last, since = sample(), time.monotonic()
+    return last
 
 
 def retry_delays(env: Env) -> list[float]:
