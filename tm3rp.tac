@@ -7,7 +7,7 @@ import sys
 from twisted.application import service
 from twisted.python import usage
 
-from tm3.rp_tap import makeService, options_from_env
+from tm3.rp.tap import makeService, options_from_env
 
 try:
     config = options_from_env()

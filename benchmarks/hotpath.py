@@ -15,10 +15,10 @@ import time
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from tm3.local import LocalSession
-from tm3.multiplexer import Settings, Stats, StreamProtocol
-from tm3.pipes import PipeProtocol
-from tm3.wire import encode_data
+from tm3.lp.service import LocalSession
+from tm3.mux.session import Settings, Stats, StreamProtocol
+from tm3.mux.pipes import PipeProtocol
+from tm3.core.wire import encode_data
 
 
 class _Sink(StringTransport):

@@ -93,7 +93,7 @@ def set_rate(t: TM3Topology, rate: str) -> None:
 
 def run_client(host: Host, target: str, port: int, workload: str, timeout: float) -> dict[str, object]:
     count, req, resp, par = WORKLOADS[workload]
-    argv = host.python_argv("-m", "tm3.testclient", target, str(port), str(count), str(req),
+    argv = host.python_argv("-m", "tm3.tools.testclient", target, str(port), str(count), str(req),
                             str(resp), "--parallel", str(par), "--timeout", str(timeout))
     try:
         done = host.run(argv, check=False, timeout=timeout + 15)
@@ -178,7 +178,7 @@ def main() -> int:
         t = build_tm3_topology(topo)
         if args.rate != "none":
             set_rate(t, args.rate)
-        t.server.popen(t.server.python_argv("-m", "tm3.testserver", str(SERVER_PORT),
+        t.server.popen(t.server.python_argv("-m", "tm3.tools.testserver", str(SERVER_PORT),
                                             "--interface", t.server_ip),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t.server.wait_for_port(SERVER_PORT, t.server_ip, timeout=15)

@@ -1,6 +1,6 @@
 """A test LP: speaks the TM3 pipe protocol to an RP over real sockets.
 
-Deliberately not our LP: it encodes and cuts messages with :mod:`tm3.wire`'s
+Deliberately not our LP: it encodes and cuts messages with :mod:`tm3.core.wire`'s
 codec, but everything else is its own small code, so that a bug shared by the
 RP and our LP cannot hide. It gives a test full control over what goes where:
 
@@ -37,9 +37,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tm3 import wire
-
-
+from tm3.core import wire
 def with_timeout(d: Any, seconds: float, reactor: Any = None) -> defer.Deferred[Any]:
     """``d`` (a Deferred or coroutine), failing with ``defer.TimeoutError``
     after ``seconds``."""

@@ -26,7 +26,7 @@ Use from another test module (fixtures are found by name once imported)::
     @pytest.mark.netns
     def test_something(tm3_topology: TM3Topology) -> None:
         t = tm3_topology
-        t.server.popen(t.server.python_argv("-m", "tm3.testserver", ...))
+        t.server.popen(t.server.python_argv("-m", "tm3.tools.testserver", ...))
         ...
 """
 

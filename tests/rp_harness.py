@@ -16,10 +16,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from tm3 import wire
-from tm3.multiplexer import Settings
-from tm3.pipes import PipeFactory, PipeProtocol
-from tm3.server import Multiplexer, RemoteSession, ServerConnection
+from tm3.core import wire
+from tm3.mux.session import Settings
+from tm3.mux.pipes import PipeFactory, PipeProtocol
+from tm3.rp.service import Multiplexer, RemoteSession, ServerConnection
 
 
 class Connector:

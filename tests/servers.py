@@ -466,7 +466,7 @@ def watch(reactor: Any) -> TestServer:
 
 
 class RP:
-    """An in-process RP service (``tm3.rp_tap.makeService``) and its port."""
+    """An in-process RP service (``tm3.rp.tap.makeService``) and its port."""
 
     def __init__(self, service: Any, port: int) -> None:
         self.service = service

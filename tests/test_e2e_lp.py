@@ -50,10 +50,10 @@ with warnings.catch_warnings():  # twisted.web.static warns about itself on impo
     warnings.simplefilter("ignore", DeprecationWarning)
     from twisted.web.static import File
 from servers import EchoProtocol, Event, Pattern, RP, was_reset
-from tm3 import lp_tap, rp_tap
-from tm3.testclient import run_client
-from tm3 import testserver
-
+from tm3.lp import tap as lp_tap
+from tm3.rp import tap as rp_tap
+from tm3.tools.testclient import run_client
+from tm3.tools import testserver
 HOST = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * 1024

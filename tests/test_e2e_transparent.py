@@ -58,7 +58,7 @@ def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untype
     www.mkdir()
     blob = os.urandom(3 * 1024 * 1024 + 17)
     (www / "blob.bin").write_bytes(blob)
-    t.server.popen(t.server.python_argv("-m", "tm3.testserver", str(TESTPORT), "--interface", t.server_ip))
+    t.server.popen(t.server.python_argv("-m", "tm3.tools.testserver", str(TESTPORT), "--interface", t.server_ip))
     t.server.popen(
         t.server.python_argv("-m", "http.server", str(HTTPPORT), "--bind", t.server_ip, "--directory", str(www))
     )
@@ -77,7 +77,7 @@ def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untype
 
 
 def redirect(t: TM3Topology, *args: str) -> str:
-    out = t.client.run(t.client.python_argv("-m", "tm3.redirect", *args), check=False)
+    out = t.client.run(t.client.python_argv("-m", "tm3.lp.redirect", *args), check=False)
     assert out.returncode in (0, 3), f"tm3-redirect {' '.join(args)} failed: {out.stdout}{out.stderr}"
     return out.stdout + out.stderr
 
@@ -89,12 +89,12 @@ def test_transparent_mode_end_to_end(system) -> None:  # type: ignore[no-untyped
 
     # The original experiment, unmodified client, aimed at the server's address.
     client = t.client.run(
-        t.client.python_argv("-m", "tm3.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
+        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
     )
     assert client.returncode == 0, client.stdout + client.stderr
     assert "OK: all 10 responses verified" in client.stdout
     parallel = t.client.run(
-        t.client.python_argv("-m", "tm3.testclient", t.server_ip, str(TESTPORT), "200", "1000", "50000", "--parallel", "8"),
+        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "200", "1000", "50000", "--parallel", "8"),
         check=False,
     )
     assert parallel.returncode == 0, parallel.stdout + parallel.stderr
@@ -120,7 +120,7 @@ def test_transparent_mode_end_to_end(system) -> None:  # type: ignore[no-untyped
     redirect(t, "off")
     assert "not installed" in redirect(t, "status").lower() or "nothing" in redirect(t, "status").lower()
     direct = t.client.run(
-        t.client.python_argv("-m", "tm3.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
+        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
     )
     assert direct.returncode == 0, direct.stdout + direct.stderr
     time.sleep(0.5)
@@ -133,7 +133,7 @@ def test_connection_to_the_listener_itself_is_refused_not_looped(system) -> None
     t, rp_log, lp_log, _ = system
     before = read(rp_log).count("ended:")
     result = t.client.run(
-        t.client.python_argv("-m", "tm3.testclient", t.client_ip, str(LP_PORT), "1", "10", "10", "--timeout", "5"),
+        t.client.python_argv("-m", "tm3.tools.testclient", t.client_ip, str(LP_PORT), "1", "10", "10", "--timeout", "5"),
         check=False,
     )
     assert result.returncode == 1, result.stdout + result.stderr

@@ -31,8 +31,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tm3 import wire
-from tm3.rp_tap import Options, makeService
+from tm3.core import wire
+from tm3.rp.tap import Options, makeService
 
 HOST = "127.0.0.1"
 KiB = 1024

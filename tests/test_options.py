@@ -15,9 +15,9 @@ from twisted.application.service import IServiceCollection
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from tm3 import rp_tap
-from tm3.multiplexer import Settings
-from tm3.rp_tap import ENVIRONMENT, Options, makeService, options_from_env
+from tm3.rp import tap as rp_tap
+from tm3.mux.session import Settings
+from tm3.rp.tap import ENVIRONMENT, Options, makeService, options_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"

@@ -1,4 +1,4 @@
-"""Tests for ``tm3-redirect`` (:mod:`tm3.redirect`) and :mod:`tm3.origdst`.
+"""Tests for ``tm3-redirect`` (:mod:`tm3.lp.redirect`) and :mod:`tm3.lp.origdst`.
 
 The first half needs nothing special: rule building, argument validation and
 the command flow against a fake iptables. The second half (``netns`` marker)
@@ -27,8 +27,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from netns import TM3Topology, Topology, python_env, tm3_topology, topology  # noqa: F401
-from tm3 import origdst, redirect
-from tm3.redirect import (
+from tm3.lp import origdst, redirect
+from tm3.lp.redirect import (
     EXIT_FAILED,
     EXIT_NOT_INSTALLED,
     EXIT_OK,
@@ -437,11 +437,11 @@ def ask(host_connect: Callable[[tuple[str, int]], socket.socket], address: tuple
 def tm3_redirect(
     t: TM3Topology | Topology, host_name: str, *args: str, path: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m tm3.redirect ARGS`` inside a host, optionally with PATH."""
+    """Run ``python -m tm3.lp.redirect ARGS`` inside a host, optionally with PATH."""
     topo = t.topology if isinstance(t, TM3Topology) else t
     host = topo.host(host_name)
     env = python_env({"PATH": path}) if path is not None else None
-    return host.run(host.python_argv("-m", "tm3.redirect", *args), check=False, env=env)
+    return host.run(host.python_argv("-m", "tm3.lp.redirect", *args), check=False, env=env)
 
 
 def nat_listing(topo: Topology, host_name: str) -> str:
@@ -542,7 +542,7 @@ def test_not_root_subprocess(topology: Topology) -> None:
     for args in (["on", "10.0.0.1", "lo", "80"], ["status"], ["off"]):
         done = host.run(
             [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-             *host.python_argv("-m", "tm3.redirect", *args)],
+             *host.python_argv("-m", "tm3.lp.redirect", *args)],
             check=False,
         )
         assert done.returncode == EXIT_USAGE, done.stderr

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tm3.reorder import (
+from tm3.core.reorder import (
     HELD_OVERHEAD,
     BeyondWindow,
     DuplicateSeq,

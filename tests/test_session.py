@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, TCPTimedOutError
 from twisted.python.failure import Failure
 
-from tm3.multiplexer import CLOSED, OPEN, PARKED
-from tm3.pipes import FLUSH_THRESHOLD, MAX_EARLY_BYTES, PENDING_TIMEOUT
-from tm3.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
+from tm3.mux.session import CLOSED, OPEN, PARKED
+from tm3.mux.pipes import FLUSH_THRESHOLD, MAX_EARLY_BYTES, PENDING_TIMEOUT
+from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
 
 from rp_harness import RP, LogCapture
 
@@ -487,7 +487,7 @@ def test_all_pipes_paused_pauses_the_senders_until_one_resumes() -> None:
 def test_a_broad_burst_while_blocked_pauses_every_socket_at_once() -> None:
     """One read per quiet socket is the lazy bound; past 1 MiB of such reads
     while every pipe is blocked, all sockets stop at once."""
-    from tm3.multiplexer import OVERDRAFT_LIMIT
+    from tm3.mux.session import OVERDRAFT_LIMIT
 
     rp = RP(n=1)
     session = rp.up()

@@ -1,4 +1,4 @@
-"""Tests for :mod:`tm3.socks`: the pure SOCKS5 handshake, the Twisted glue
+"""Tests for :mod:`tm3.lp.socks`: the pure SOCKS5 handshake, the Twisted glue
 on a ``StringTransport``, and the glue end to end over real loopback sockets
 (curl and a raw socket client) through ``DirectSocks5``, a minimal
 direct-connecting subclass that exists only here.
@@ -47,8 +47,8 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tm3 import socks
-from tm3.socks import (
+from tm3.lp import socks
+from tm3.lp.socks import (
     ADDRESS_TYPE_NOT_SUPPORTED,
     ATYP_DOMAIN,
     ATYP_IPV4,

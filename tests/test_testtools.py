@@ -1,4 +1,4 @@
-"""Tests for the experiment tools: tm3.testproto, tm3.testserver, tm3.testclient.
+"""Tests for the experiment tools: tm3.tools.testproto, tm3.tools.testserver, tm3.tools.testclient.
 
 Pure tests of the codec and pattern first, then real sockets on 127.0.0.1
 (port 0) with client and server in this process, then the console entry
@@ -40,9 +40,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from tm3 import testclient, testserver
-from tm3.testclient import ClientResult, run_client, split_requests
-from tm3.testproto import (
+from tm3.tools import testclient, testserver
+from tm3.tools.testclient import ClientResult, run_client, split_requests
+from tm3.tools.testproto import (
     CHUNK_SIZE,
     HEADER_SIZE,
     MAGIC,
@@ -60,7 +60,7 @@ from tm3.testproto import (
     pattern_bytes,
     pattern_chunks,
 )
-from tm3.testserver import listen_testserver
+from tm3.tools.testserver import listen_testserver
 
 reactor: Any = _global_reactor
 REPO = Path(__file__).resolve().parent.parent
@@ -672,7 +672,7 @@ class LineReader:
 
 def test_console_entry_points() -> None:
     server = subprocess.Popen(
-        [sys.executable, "-m", "tm3.testserver", "0", "--interface", "127.0.0.1"],
+        [sys.executable, "-m", "tm3.tools.testserver", "0", "--interface", "127.0.0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -686,7 +686,7 @@ def test_console_entry_points() -> None:
             [
                 sys.executable,
                 "-m",
-                "tm3.testclient",
+                "tm3.tools.testclient",
                 "127.0.0.1",
                 str(port),
                 "10",
@@ -727,7 +727,7 @@ def test_console_entry_points() -> None:
 
     # Nothing listens there any more: exit status 1 and a clear reason.
     refused = subprocess.run(
-        [sys.executable, "-m", "tm3.testclient", "127.0.0.1", str(port), "1", "1", "1"],
+        [sys.executable, "-m", "tm3.tools.testclient", "127.0.0.1", str(port), "1", "1", "1"],
         check=False,
         capture_output=True,
         text=True,

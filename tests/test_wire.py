@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tm3 import wire
-from tm3.wire import (
+from tm3.core import wire
+from tm3.core.wire import (
     Data,
     Decoder,
     Fin,

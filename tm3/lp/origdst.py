@@ -3,7 +3,7 @@
 This module owns the one kernel query the local proxy's transparent listener
 needs: ``getsockopt(SOL_IP, SO_ORIGINAL_DST)``, which asks conntrack for the
 destination a connection had before an iptables ``REDIRECT`` (installed by
-``tm3-redirect``, see :mod:`tm3.redirect`) rewrote it to the proxy's port.
+``tm3-redirect``, see :mod:`tm3.lp.redirect`) rewrote it to the proxy's port.
 
 It is IPv4 only, like ``tm3-redirect``: the transparent listener must listen on
 an IPv4 address (``tcp:6001:interface=0.0.0.0``), not on ``::``.

@@ -14,11 +14,11 @@ from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from .listening import ListeningService
-from .multiplexer import Settings
-from .options import TUNING_PARAMETERS, argv_from_env, check_server_endpoint, parse_int, parse_tuning, settings_from
-from .pipes import PipeFactory
-from .server import Multiplexer
+from tm3.listening import ListeningService
+from tm3.mux.session import Settings
+from tm3.options import TUNING_PARAMETERS, argv_from_env, check_server_endpoint, parse_int, parse_tuning, settings_from
+from tm3.mux.pipes import PipeFactory
+from tm3.rp.service import Multiplexer
 
 ENVIRONMENT = {
     "TM3_PIPES": "pipes",
@@ -58,7 +58,7 @@ class Options(usage.Options):
 
 
 class RemoteProxyService(MultiService):
-    """The RP: a :class:`~tm3.server.Multiplexer` fed by a listening :class:`~tm3.pipes.PipeFactory`."""
+    """The RP: a :class:`~tm3.rp.service.Multiplexer` fed by a listening :class:`~tm3.mux.pipes.PipeFactory`."""
 
     def __init__(self, config: Options, reactor: Any) -> None:
         super().__init__()

@@ -98,12 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs.append(proc)
         return proc
 
-    client = [sys.executable, "-m", "tm3.testclient"]
+    client = [sys.executable, "-m", "tm3.tools.testclient"]
     sizes = [str(args.count), str(args.request), str(args.response), "--parallel", str(args.parallel)]
     status = 1
     try:
         print(f"TM3 demo: {args.pipes} pipes; logs in {workdir}")
-        srv = start([sys.executable, "-m", "tm3.testserver", str(srv_port), "--interface", "127.0.0.1"], srv_log)
+        srv = start([sys.executable, "-m", "tm3.tools.testserver", str(srv_port), "--interface", "127.0.0.1"], srv_log)
         wait_for_port(srv_port, srv, srv_log)
         print(f"  test server  127.0.0.1:{srv_port}")
         rp = start(twistd(rp_log, "tm3rp", "--pipes", str(args.pipes), "--listen", f"tcp:{rp_port}:interface=127.0.0.1"), rp_log)

@@ -5,7 +5,7 @@ original TM3 did with a kernel module (``tm3_mod.pl RP_IP IFACE PORT...``,
 undone with ``rmmod tm3``). It installs nat-table ``REDIRECT`` rules so that
 TCP connections to the chosen destination ports land on the local proxy's
 transparent listener, which then reads the real destination back with
-:func:`tm3.origdst.original_destination_of`.
+:func:`tm3.lp.origdst.original_destination_of`.
 
 Everything lives in two chains of our own, ``TM3_OUTPUT`` and
 ``TM3_PREROUTING``, each entered by a single jump from the built-in chain, so

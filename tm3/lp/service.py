@@ -3,7 +3,7 @@ over ``n`` pipes to the RP.
 
 - :class:`PipeDialer` opens the ``n`` pipes to the RP, all at once, retrying
   with exponential backoff until the RP is up; a set is only used whole.
-- :class:`LocalSession` is a :class:`~tm3.multiplexer.Session` that opens
+- :class:`LocalSession` is a :class:`~tm3.mux.session.Session` that opens
   connections itself (SYN with the original IPv4 destination, ids per
   PROTOCOL.md rule 7) and drops, counting them, RP messages for ids that are
   over.
@@ -34,12 +34,12 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .flow import abort_transport, register_producer, reset_pending, unregister_producer
-from .ids import IdAllocator, IdsExhausted
-from .listening import ListeningService
-from .multiplexer import CLOSED, OPEN, Connection, Session, Settings, Stats, StreamProtocol
-from .pipes import PipeProtocol
-from .socks import (
+from tm3.mux.flow import abort_transport, register_producer, reset_pending, unregister_producer
+from tm3.core.ids import IdAllocator, IdsExhausted
+from tm3.listening import ListeningService
+from tm3.mux.session import CLOSED, OPEN, Connection, Session, Settings, Stats, StreamProtocol
+from tm3.mux.pipes import PipeProtocol
+from tm3.lp.socks import (
     ADDRESS_TYPE_NOT_SUPPORTED,
     ATYP_DOMAIN,
     ATYP_IPV6,
@@ -49,7 +49,7 @@ from .socks import (
     Socks5Protocol,
     SocksError,
 )
-from .wire import REASON_RST, Message, ProtocolError, Syn, encode_syn
+from tm3.core.wire import REASON_RST, Message, ProtocolError, Syn, encode_syn
 
 INITIAL_BACKOFF = 0.5
 # A session that lasted this long resets the redial backoff.
@@ -266,7 +266,7 @@ class NoRoute(Exception):
 
 
 class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[misc]
-    """A SOCKS5 client: the handshake (:class:`~tm3.socks.Socks5Protocol`)
+    """A SOCKS5 client: the handshake (:class:`~tm3.lp.socks.Socks5Protocol`)
     names the destination, then the connection is carried like any other.
 
     The success reply goes out as soon as the SYN is sent: whether the RP's
@@ -346,7 +346,7 @@ def forward_factory(proxy: LocalProxy, host: str, port: int) -> Factory:
 
 
 def _original_destination(client: ClientConnection) -> tuple[str, int]:
-    from .origdst import original_destination_of
+    from tm3.lp.origdst import original_destination_of
 
     try:
         # Also refuses a connection made straight to the listener (its

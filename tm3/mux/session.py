@@ -6,7 +6,7 @@ and the application TCP connections it carries.
   and the queue of bytes its socket has not taken yet.
 - :class:`StreamProtocol` is that connection's socket (to the server on the
   RP, from the client on the LP). It is half-closeable, and registers a
-  :class:`~tm3.flow.WriteGate` on its transport so a slow socket queues
+  :class:`~tm3.mux.flow.WriteGate` on its transport so a slow socket queues
   instead of growing the transport's buffer without bound.
 - :class:`Session` receives messages from the pipes, reorders them per
   connection and acts on them in order; sends socket bytes as DATA messages;
@@ -40,10 +40,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .flow import WriteGate, abort_transport, register_producer, reset_pending, unregister_producer
-from .pipes import PipeProtocol, PipeSet
-from .reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES, HeldBudget, ReorderBuffer, ReorderError
-from .wire import (
+from tm3.mux.flow import WriteGate, abort_transport, register_producer, reset_pending, unregister_producer
+from tm3.mux.pipes import PipeProtocol, PipeSet
+from tm3.core.reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES, HeldBudget, ReorderBuffer, ReorderError
+from tm3.core.wire import (
     DEFAULT_PAYLOAD,
     HEADER,
     REASON_FIN,

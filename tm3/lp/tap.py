@@ -7,9 +7,9 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from .local import LocalProxy, forward_factory, resolve_ipv4, socks_factory, transparent_factory
-from .multiplexer import Settings
-from .options import TUNING_PARAMETERS, check_server_endpoint, parse_int, parse_tuning, settings_from
+from tm3.lp.service import LocalProxy, forward_factory, resolve_ipv4, socks_factory, transparent_factory
+from tm3.mux.session import Settings
+from tm3.options import TUNING_PARAMETERS, check_server_endpoint, parse_int, parse_tuning, settings_from
 
 DEFAULT_RP_PORT = 6000
 

@@ -6,7 +6,7 @@ pattern bytes into a transport under its flow control; ``tm3-testclient``
 sends its request bodies with the same writer.
 
 Per connection the server reads any number of requests (header and body, see
-:mod:`tm3.testproto`), verifies every body byte as it arrives (the body is
+:mod:`tm3.tools.testproto`), verifies every body byte as it arrives (the body is
 never buffered), and answers each with exactly the requested number of
 pattern bytes.  A corrupt request (bad magic or a wrong body byte) is logged
 and the connection is aborted (RST), so the client sees an error rather than a
@@ -44,7 +44,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tm3.testproto import (
+from tm3.tools.testproto import (
     CHUNK_SIZE,
     HEADER_SIZE,
     HeaderError,

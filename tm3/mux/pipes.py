@@ -7,7 +7,7 @@ are spread over them.
 - :class:`PipeSet` is the scheduler over the ``n`` pipes of a session. Each
   message goes whole to one pipe that is not blocked (round robin among the
   unblocked ones); a pipe is blocked while its transport has paused the
-  pipe's :class:`~tm3.flow.WriteGate`. When every pipe is blocked the owner is
+  pipe's :class:`~tm3.mux.flow.WriteGate`. When every pipe is blocked the owner is
   told, so it stops reading the application sockets; as soon as one pipe
   resumes it is told again.
 - :class:`PipeFactory` is the RP's listening factory: accepted pipes wait in a
@@ -28,8 +28,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .flow import WriteGate, abort_transport, register_producer
-from .wire import Decoder
+from tm3.mux.flow import WriteGate, abort_transport, register_producer
+from tm3.core.wire import Decoder
 
 # Write a pipe's batch at once when it grows past this, instead of waiting for
 # the end of the reactor turn, so the transport's own 64 KiB high-water mark

@@ -7,10 +7,10 @@ servers when the LP asks for them.
   connection are held (briefly, and bounded) for a SYN still on a slower
   pipe, or dropped and counted as the tail of a connection already over.
 - :class:`ServerConnection` is the socket to the server
-  (a :class:`~tm3.multiplexer.StreamProtocol`), opened with
+  (a :class:`~tm3.mux.session.StreamProtocol`), opened with
   ``reactor.connectTCP`` through :class:`ServerConnectionFactory`.
 - :class:`Multiplexer` is the service that owns the current session: a new
-  complete pipe set from :class:`~tm3.pipes.PipeFactory` replaces it, a lost
+  complete pipe set from :class:`~tm3.mux.pipes.PipeFactory` replaces it, a lost
   pipe ends it, and the service itself never stops because an LP went away.
 """
 
@@ -24,10 +24,10 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .multiplexer import CLOSED, CONNECTING, PARKED, Connection, Session, Settings, Stats, StreamProtocol
-from .pipes import PipeProtocol
-from .reorder import ReorderError
-from .wire import REASON_RST, Message, ProtocolError, Syn, encode, wire_size
+from tm3.mux.session import CLOSED, CONNECTING, PARKED, Connection, Session, Settings, Stats, StreamProtocol
+from tm3.mux.pipes import PipeProtocol
+from tm3.core.reorder import ReorderError
+from tm3.core.wire import REASON_RST, Message, ProtocolError, Syn, encode, wire_size
 
 
 class ServerConnection(StreamProtocol):
