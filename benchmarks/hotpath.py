@@ -15,10 +15,12 @@ import time
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from tm3.lp.service import LocalSession
-from tm3.mux.session import Settings, Stats, StreamProtocol
-from tm3.mux.pipes import PipeProtocol
 from tm3.core.wire import encode_data
+from tm3.lp.role import LocalRole
+from tm3.mux.pipes import PipeProtocol
+from tm3.mux.session import Session
+from tm3.mux.settings import Settings, Stats
+from tm3.mux.stream import StreamProtocol
 
 
 class _Sink(StringTransport):
@@ -36,17 +38,20 @@ class _Sink(StringTransport):
             self.count += len(d)
 
 
-def build(pipes: int) -> tuple[LocalSession, list[PipeProtocol], _Sink]:
+def build(pipes: int) -> tuple[Session, list[PipeProtocol], _Sink]:
     reactor = MemoryReactorClock()
     protos = []
     for _ in range(pipes):
         p = PipeProtocol()
         p.makeConnection(_Sink())
         protos.append(p)
-    session = LocalSession(protos, reactor, Settings(), Stats())
-    conn = session.open("127.0.0.1", 80)
+    session = Session(protos, reactor, Settings(), Stats(), LocalRole)
+    role = session.role
+    assert isinstance(role, LocalRole)
+    conn = role.open("127.0.0.1", 80)
     client = _Sink()
-    stream = StreamProtocol(conn)
+    stream = StreamProtocol()
+    stream.bind(session, conn)
     stream.makeConnection(client)
     return session, protos, client
 

@@ -17,9 +17,11 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from tm3.core import wire
-from tm3.mux.session import Settings
-from tm3.mux.pipes import PipeFactory, PipeProtocol
-from tm3.rp.service import Multiplexer, RemoteSession, ServerConnection
+from tm3.mux.pipes import PipeProtocol
+from tm3.mux.session import Session
+from tm3.mux.settings import Settings
+from tm3.rp.role import RemoteRole, ServerConnection
+from tm3.rp.service import Multiplexer, PipeFactory
 
 
 class Connector:
@@ -130,18 +132,22 @@ class RP:
         proto.makeConnection(transport)
         return proto, transport
 
-    def up(self) -> RemoteSession:
+    def up(self) -> Session:
         """Connect a complete set of pipes; returns the new session."""
         self.pipes = [self.add_pipe() for _ in range(self.n)]
+        return self.session
+
+    @property
+    def session(self) -> Session:
         session = self.mux.session
-        assert isinstance(session, RemoteSession)
+        assert session is not None
         return session
 
     @property
-    def session(self) -> RemoteSession:
-        session = self.mux.session
-        assert isinstance(session, RemoteSession)
-        return session
+    def role(self) -> RemoteRole:
+        role = self.session.role
+        assert isinstance(role, RemoteRole)
+        return role
 
     def send(self, *messages: wire.Message, pipe: int = 0) -> None:
         self.send_raw(b"".join(wire.encode(m) for m in messages), pipe=pipe)

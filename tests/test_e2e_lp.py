@@ -637,7 +637,7 @@ async def test_client_that_stops_reading_holds_back_the_server(env: Env, pipes: 
     proto = await within(srv.connection(0), 5, "the server's connection")
 
     def sample() -> tuple[int, int]:
-        return proto.written, lp.session.queued_total
+        return proto.written, lp.session.inbound.queued_total
 
     written, queued = await stalled(sample)
     print(f"\n[{pipes} pipe(s)] stalled with {written / MiB:.1f} MiB sent by the server, {queued / MiB:.2f} MiB queued in the LP")
@@ -665,7 +665,7 @@ async def test_server_that_stops_reading_holds_back_the_client(env: Env, pipes: 
     proto = await within(srv.connection(0), 5, "the server's connection")
 
     def sample() -> tuple[int, int]:
-        return writer.written, rp.session.queued_total
+        return writer.written, rp.session.inbound.queued_total
 
     written, queued = await stalled(sample)
     print(f"\n[{pipes} pipe(s), {mode}] stalled with {written / MiB:.1f} MiB written by the client, {queued / MiB:.2f} MiB queued in the RP")
@@ -691,7 +691,7 @@ async def test_many_short_connections_one_after_another(env: Env, pipes: int, mo
         await echo_round_trip(env, lp, mode, srv.port, Pattern(17).bytes(1 + 13 * i, offset=i))
     await until(lambda: lp.stats.connections_closed == n and rp.stats.connections_closed == n, 5, "both to forget")
     assert lp.stats.ended_by == {"fin": n} and rp.stats.ended_by == {"fin": n}
-    assert not lp.session.conns and not rp.session.conns and not rp.session.live
+    assert not lp.session.conns and not rp.session.conns and not rp.session.live and not rp.session.sockets
     assert lp.stats.tails_dropped == rp.stats.tails_dropped == 0
 
 
@@ -865,7 +865,7 @@ async def test_client_reset_during_a_download(env: Env, pipes: int, mode: str) -
     assert was_reset(reason), f"the server saw {reason!r}, not a reset"
     assert proto.written < 256 * MiB
     await until(lambda: not lp.session.pipes.reading_paused, 5, "the LP to resume its pipes")
-    assert lp.session.queued_total == 0
+    assert lp.session.inbound.queued_total == 0
     await until(lambda: rp.stats.connections_closed == 1, 5, "the RP to forget")
     assert rp.stats.ended_by == {"rst": 1}
     # The session still carries new connections.
@@ -976,7 +976,7 @@ async def test_mixed_concurrent_traffic_with_resets(env: Env, pipes: int) -> Non
     await until(lambda: lp.stats.connections_closed == n and rp.stats.connections_closed == n, 10, "both to forget")
     assert lp.stats.ended_by == rp.stats.ended_by == {"fin": n - len(victims), "rst": len(victims)}
     assert lp.stats.protocol_errors == rp.stats.protocol_errors == 0 and rp.stats.sessions == 1
-    assert not lp.session.conns and not rp.session.conns and not rp.session.live
+    assert not lp.session.conns and not rp.session.conns and not rp.session.live and not rp.session.sockets
 
 
 @PIPES

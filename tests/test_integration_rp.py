@@ -221,7 +221,7 @@ async def echo_round_trip(lp: LPClient, conn_id: int, port: int, data: bytes, ti
 
 
 def forgotten(rp: RP) -> bool:
-    return rp.session is not None and not rp.session.conns and not rp.session.live
+    return rp.session is not None and not rp.session.conns and not rp.session.live and not rp.session.sockets
 
 
 # -- basics ---------------------------------------------------------------------
@@ -268,7 +268,7 @@ async def test_out_of_order_over_four_pipes(env: Env) -> None:
     for i, m in enumerate(reversed(msgs)):
         lp.send_raw(1 + i % 3, m)
     await until(arrived, 5, "the DATA to reach the RP")
-    assert 1 in rp.session.orphans and rp.stats.connections_opened == 0
+    assert 1 in rp.session.role.orphans and rp.stats.connections_opened == 0
     lp.send_raw(0, s1)
     lp.send_raw(2, f1)
     assert await with_timeout(rx1.when_fin(), 10) == (FIN, rx1.messages - 1)
@@ -602,7 +602,7 @@ async def test_bytes_sent_before_the_set_is_complete_are_kept(env: Env) -> None:
     data = Pattern(14).bytes(100_000)
     rx = lp.open(1, HOST, echo.port, pipe=0)
     lp.send(1, data, pipe=0)
-    pending = rp.service.pipe_factory.pending
+    pending = rp.service.pipe_factory.pending.pipes
     await until(lambda: len(pending) == 1 and pending[0].early_bytes == len(data) + 14 + 25 * 8, 5, "early bytes")
     await with_timeout(lp.connect_pipe(), 5)
     lp.send(1, b"more", pipe=1)
@@ -692,7 +692,7 @@ async def test_upload_backpressure_pauses_the_pipes(env: Env) -> None:
     def sample() -> int:
         conn = session.conns.get(1)
         if conn is not None:
-            peak[0] = max(peak[0], session.queued_total)
+            peak[0] = max(peak[0], session.inbound.queued_total)
         return sum(p.bytes_sent for p in lp.pipes)
 
     sent = await steady(sample, what="the upload to stall")
@@ -703,7 +703,7 @@ async def test_upload_backpressure_pauses_the_pipes(env: Env) -> None:
     # paused, so above half the ceiling (the kernel may have taken a little).
     assert peak[0] <= limit + 64 * KiB + 8 * KiB, peak[0]
     assert limit // 2 < conn.queued <= peak[0]
-    assert session.queued_total == conn.queued
+    assert session.inbound.queued_total == conn.queued
     print(f"\nstalled: LP sent {sent}, RP queued {conn.queued}, server took {proto.received}")
 
     proto.start_reading()
@@ -713,7 +713,7 @@ async def test_upload_backpressure_pauses_the_pipes(env: Env) -> None:
     assert await with_timeout(proto.report.wait(), 30) == (size, digest)
     assert await with_timeout(rx.when_fin(), 10) == (FIN, rx.messages - 1)
     assert bytes(rx.data) == f"{size} {digest}\n".encode()
-    assert not session.pipes.reading_paused and session.queued_total == 0
+    assert not session.pipes.reading_paused and session.inbound.queued_total == 0
     await until(lambda: forgotten(rp), 5, "the RP to forget the connection")
 
 
@@ -735,7 +735,7 @@ async def test_lp_gone_while_upload_backpressure_has_paused_the_pipes(env: Env) 
     # Not read, yet noticed: through the kernel's TCP state, within a few seconds.
     await until(lambda: session.ended, 10, "the RP to end the session")
     assert rp.session is None
-    assert session.conns == {} and session.live == set() and session.queued_total == 0
+    assert session.conns == {} and session.live == set() and session.sockets == set() and session.inbound.queued_total == 0
     proto.start_reading()  # only a reading server can see the RST the RP sent it
     assert isinstance(await with_timeout(proto.lost.wait(), 10), Exception) and proto.reset
 

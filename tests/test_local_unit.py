@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.testing import MemoryReactorClock
 
-from tm3.lp.service import INITIAL_BACKOFF, MAX_BACKOFF, PipeDialer
+from tm3.lp.dialer import INITIAL_BACKOFF, MAX_BACKOFF, PipeDialer
 
 
 def make_dialer() -> PipeDialer:

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, TCPTimedOutError
 from twisted.python.failure import Failure
 
-from tm3.mux.session import CLOSED, OPEN, PARKED
-from tm3.mux.pipes import FLUSH_THRESHOLD, MAX_EARLY_BYTES, PENDING_TIMEOUT
+from tm3.core.lifecycle import State
+from tm3.mux.pipes import FLUSH_THRESHOLD, MAX_EARLY_BYTES
+from tm3.rp.service import PENDING_TIMEOUT
 from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
 
 from rp_harness import RP, LogCapture
@@ -43,7 +44,7 @@ def test_pipes_wait_until_the_set_is_complete_and_early_bytes_are_replayed() -> 
     p0, _ = rp.add_pipe()
     p1, _ = rp.add_pipe()
     assert rp.mux.session is None
-    assert rp.factory.pending == [p0, p1]
+    assert rp.factory.pending.pipes == [p0, p1]
     # A fast LP: messages before the set is complete are kept, not acted on.
     p0.dataReceived(encode_syn(3, HOST, PORT) + encode_data(3, 1, b"he"))
     p1.dataReceived(encode_data(3, 2, b"llo")[:5])
@@ -52,7 +53,7 @@ def test_pipes_wait_until_the_set_is_complete_and_early_bytes_are_replayed() -> 
     session = rp.mux.session
     assert session is not None
     assert session.pipes.pipes == [p0, p1, p2]
-    assert rp.factory.pending == []
+    assert rp.factory.pending.pipes == []
     # The replayed SYN connected, the replayed DATA is queued for it.
     assert [(h, p) for h, p, *_ in rp.reactor.tcpClients] == [(HOST, PORT)]
     p1.dataReceived(encode_data(3, 2, b"llo")[5:])
@@ -74,7 +75,7 @@ def test_a_pending_pipe_sending_too_much_is_closed(logs: LogCapture) -> None:
     assert logs.matching(f"sent {MAX_EARLY_BYTES + 1} bytes before its pipe set was complete")
     # It leaves the set at once: a TCP transport reports an abort only in a
     # later reactor turn, and a set completed meanwhile must not include it.
-    assert rp.factory.pending == []
+    assert rp.factory.pending.pipes == []
     assert rp.reactor.getDelayedCalls() == []
     session = rp.up()
     assert p0 not in session.pipes.pipes
@@ -103,7 +104,7 @@ def test_a_pending_pipe_that_closes_leaves_the_set() -> None:
     p0, _ = rp.add_pipe()
     p1, _ = rp.add_pipe()
     p0.connectionLost(Failure(ConnectionDone()))
-    assert rp.factory.pending == [p1]
+    assert rp.factory.pending.pipes == [p1]
     p2, _ = rp.add_pipe()
     assert rp.mux.session is None
     p3, _ = rp.add_pipe()
@@ -118,10 +119,10 @@ def test_an_incomplete_set_is_closed_after_30_seconds(logs: LogCapture) -> None:
     p1, t1 = rp.add_pipe()
     rp.reactor.advance(PENDING_TIMEOUT - 20 - 0.001)
     assert not t0.disconnected and not t1.disconnected
-    assert rp.factory.pending == [p0, p1]
+    assert rp.factory.pending.pipes == [p0, p1]
     rp.reactor.advance(0.001)
     assert t0.disconnected and t1.disconnected  # aborted
-    assert rp.factory.pending == []
+    assert rp.factory.pending.pipes == []
     assert logs.matching("pipe set incomplete after 30 s (2 of 3)")
     # The closed pipes report their loss; nothing breaks, and a new set forms.
     p0.connectionLost(Failure(ConnectionAborted()))
@@ -201,10 +202,10 @@ def test_data_before_connect_is_queued_and_written_in_order() -> None:
     rp.send(Data(3, 2, b"cd"), pipe=0)
     rp.send(Data(3, 1, b"ab"), pipe=1)
     rp.send(Data(3, 3, b"ef"), pipe=0)
-    assert rp.session.queued_total == 6
+    assert rp.session.inbound.queued_total == 6
     _, server = rp.accept()
     assert server.value() == b"abcdef"
-    assert rp.session.queued_total == 0
+    assert rp.session.inbound.queued_total == 0
     rp.send(Data(3, 4, b"g"))
     assert server.value() == b"abcdefg"
 
@@ -214,9 +215,9 @@ def test_data_overtaking_its_syn_is_held_and_taken_over() -> None:
     session = rp.up()
     rp.send(Data(3, 2, b"cd"), Data(3, 1, b"ab"), pipe=0)
     assert rp.reactor.tcpClients == []
-    assert 3 in session.orphans
+    assert 3 in session.role.orphans
     rp.send(Syn(3, 0, HOST, PORT), pipe=1)
-    assert session.orphans == {} and session.orphan_total == 0
+    assert session.role.orphans == {} and session.role.orphan_total == 0
     _, server = rp.accept()
     assert server.value() == b"abcd"
     rp.reactor.advance(60)  # the orphan timer was cancelled
@@ -288,7 +289,7 @@ def test_server_half_close_sends_fin_after_its_data_and_keeps_writing(logs: LogC
     assert session.conns == {}
     proto.connectionLost(Failure(ConnectionDone()))
     assert rp.sent() == []
-    assert session.live == set()
+    assert session.live == set() and session.sockets == set()
     (end,) = logs.ends()
     assert (end["conn_id"], end["host"], end["port"], end["how"], end["up"], end["down"]) == (3, HOST, PORT, "fin", 7, 4)
 
@@ -300,7 +301,7 @@ def test_server_reset_sends_fin_0x99_after_its_data(logs: LogCapture) -> None:
     proto.dataReceived(b"partial")
     proto.connectionLost(Failure(ConnectionLost()))
     assert rp.sent() == [Data(3, 0, b"partial"), Fin(3, 1, 0x99)]
-    assert session.conns == {} and session.live == set()
+    assert session.conns == {} and session.live == set() and session.sockets == set()
     assert [e["how"] for e in logs.ends()] == ["rst"]
     # What the LP still had in flight is the tail of a finished connection.
     rp.send(Data(3, 1, b"late"), Fin(3, 2, 0x88))
@@ -348,7 +349,7 @@ def test_lp_fin_half_closes_the_server_after_queued_data() -> None:
     assert session.conns == {}
     assert server.disconnecting
     proto.connectionLost(Failure(ConnectionDone()))
-    assert session.live == set()
+    assert session.live == set() and session.sockets == set()
     assert rp.sent() == []
 
 
@@ -376,7 +377,7 @@ def test_lp_rst_aborts_the_server_drops_queued_data_and_sends_no_fin(logs: LogCa
     server.producer.pauseProducing()
     rp.send(Data(3, 1, b"queued"), Fin(3, 2, 0x99))
     assert server.disconnected  # abortConnection
-    assert session.queued_total == 0
+    assert session.inbound.queued_total == 0
     assert session.conns == {}
     proto.connectionLost(Failure(ConnectionAborted()))
     assert server.value() == b""
@@ -389,7 +390,7 @@ def test_lp_rst_while_connecting_stops_the_connect_and_sends_no_fin(logs: LogCap
     session = rp.up()
     rp.send(Syn(3, 0, HOST, PORT), Data(3, 1, b"x"), Fin(3, 2, 0x99))
     assert rp.reactor.connectors[0].stopped
-    assert session.conns == {} and session.live == set()
+    assert session.conns == {} and session.live == set() and session.sockets == set()
     assert rp.sent() == []
     assert [e["how"] for e in logs.ends()] == ["rst"]
     # The connect was stopped by us: not a connect failure.
@@ -407,7 +408,7 @@ def test_connect_failure_sends_fin_0x99_seq_0(logs: LogCapture) -> None:
     rp.refuse()
     assert rp.sent() == [Fin(3, 0, 0x99)]
     assert rp.pipes[0][1].value() == bytes.fromhex("03 00 00 00 00 00 fe ff 99")
-    assert session.conns == {} and session.live == set() and session.queued_total == 0
+    assert session.conns == {} and session.live == set() and session.sockets == set() and session.inbound.queued_total == 0
     assert rp.mux.stats.connect_failures == 1
     (end,) = logs.ends()
     # Nothing reached a server: "up" counts bytes written, not bytes received.
@@ -480,14 +481,14 @@ def test_all_pipes_paused_pauses_the_senders_until_one_resumes() -> None:
     assert td.producerState == "paused"
     rp.pipes[1][1].producer.resumeProducing()
     assert [t.producerState for t in (ta, tb, tc, td)] == ["producing"] * 4
-    assert session.paused_readers == set()
+    assert session.outbound.paused == set()
     assert rp.sent() == [Data(1, 0, b"a"), Data(2, 0, b"b"), Data(3, 0, b"c")]
 
 
 def test_a_broad_burst_while_blocked_pauses_every_socket_at_once() -> None:
     """One read per quiet socket is the lazy bound; past 1 MiB of such reads
     while every pipe is blocked, all sockets stop at once."""
-    from tm3.mux.session import OVERDRAFT_LIMIT
+    from tm3.mux.outbound import OVERDRAFT_LIMIT
 
     rp = RP(n=1)
     session = rp.up()
@@ -500,10 +501,10 @@ def test_a_broad_burst_while_blocked_pauses_every_socket_at_once() -> None:
     states = [t.producerState for _, t in conns]
     assert states[:burst] == ["paused"] * burst
     assert states[burst:] == ["paused"] * (len(conns) - burst), "quiet sockets were left reading"
-    assert session.paused_all
+    assert session.outbound.paused_all
     rp.pipes[0][1].producer.resumeProducing()
     assert [t.producerState for _, t in conns] == ["producing"] * len(conns)
-    assert session.overdraft == 0 and not session.paused_all
+    assert session.outbound.overdraft == 0 and not session.outbound.paused_all
 
 
 def test_a_few_reads_while_blocked_leave_quiet_sockets_alone() -> None:
@@ -583,25 +584,25 @@ def test_past_the_conn_queue_all_pipes_pause_until_half_drained(logs: LogCapture
     chunks = [bytes([i]) * 4096 for i in range(1, 18)]
     for seq, chunk in enumerate(chunks[:16], start=1):
         rp.send(Data(3, seq, chunk), pipe=seq % 2)
-    assert session.queued_total == 64 * KiB  # at the ceiling, not past it
+    assert session.inbound.queued_total == 64 * KiB  # at the ceiling, not past it
     assert pipe_states(rp) == ["producing", "producing"]
     rp.send(Data(3, 17, chunks[16]), pipe=1)
     assert pipe_states(rp) == ["paused", "paused"]
     assert rp.mux.stats.upload_pauses == 1
-    assert logs.matching("upload queues full")
+    assert logs.matching("socket queues full")
     # The server takes 8 chunks: 9 are left, more than half the ceiling.
     server.pause_after = 8 * 4096
     server.producer.resumeProducing()
-    assert session.queued_total == 9 * 4096
+    assert session.inbound.queued_total == 9 * 4096
     assert pipe_states(rp) == ["paused", "paused"]
     # One more: exactly half is left, and the pipes resume.
     server.pause_after = 4096
     server.producer.resumeProducing()
-    assert session.queued_total == 32 * KiB
+    assert session.inbound.queued_total == 32 * KiB
     assert pipe_states(rp) == ["producing", "producing"]
     server.producer.resumeProducing()
     assert server.value() == b"".join(chunks)
-    assert session.queued_total == 0
+    assert session.inbound.queued_total == 0
     assert rp.mux.stats.bytes_from_pipes == 17 * 4096
 
 
@@ -614,12 +615,12 @@ def test_past_the_total_queue_all_pipes_pause() -> None:
     s2.producer.pauseProducing()
     for seq in range(1, 9):
         rp.send(Data(1, seq, b"a" * 4096), Data(2, seq, b"b" * 4096))
-    assert session.queued_total == 64 * KiB
+    assert session.inbound.queued_total == 64 * KiB
     assert pipe_states(rp) == ["producing"]
     rp.send(Data(1, 9, b"a" * 4096))
     assert pipe_states(rp) == ["paused"]
     s1.producer.resumeProducing()  # 36 KiB left, over half of 64 KiB
-    assert session.queued_total == 32 * KiB
+    assert session.inbound.queued_total == 32 * KiB
     assert pipe_states(rp) == ["producing"]
 
 
@@ -632,15 +633,15 @@ def test_total_queue_resume_needs_half() -> None:
     s2.producer.pauseProducing()
     for seq in range(1, 10):
         rp.send(Data(1, seq, b"a" * 4096), Data(2, seq, b"b" * 4096))
-    assert session.queued_total == 72 * KiB
+    assert session.inbound.queued_total == 72 * KiB
     assert pipe_states(rp) == ["paused"]
     s1.pause_after = 4 * 4096
     s1.producer.resumeProducing()
-    assert session.queued_total == 56 * KiB
+    assert session.inbound.queued_total == 56 * KiB
     assert pipe_states(rp) == ["paused"]
     s2.pause_after = 6 * 4096
     s2.producer.resumeProducing()
-    assert session.queued_total == 32 * KiB
+    assert session.inbound.queued_total == 32 * KiB
     assert pipe_states(rp) == ["producing"]
 
 
@@ -653,7 +654,7 @@ def test_closing_a_connection_with_a_full_queue_resumes_the_pipes() -> None:
         rp.send(Data(3, seq, b"q" * 4096))
     assert pipe_states(rp) == ["paused"]
     proto.connectionLost(Failure(ConnectionLost()))
-    assert session.queued_total == 0
+    assert session.inbound.queued_total == 0
     assert pipe_states(rp) == ["producing"]
     assert rp.sent() == [Fin(3, 0, 0x99)]
 
@@ -665,14 +666,14 @@ def test_bytes_held_for_a_gap_never_pause_the_pipes() -> None:
     chunks = {seq: bytes([seq]) * 4096 for seq in range(1, 41)}
     for seq in range(2, 41):
         rp.send(Data(3, seq, chunks[seq]), pipe=seq % 2)
-    assert session.held_budget.held > 128 * KiB
-    assert session.queued_total == 0
+    assert session.inbound.held_budget.held > 128 * KiB
+    assert session.inbound.queued_total == 0
     assert pipe_states(rp) == ["producing", "producing"]
     rp.send(Data(3, 1, chunks[1]))
     assert server.value() == b"".join(chunks[s] for s in range(1, 41))
     assert pipe_states(rp) == ["producing", "producing"]
     assert rp.mux.stats.upload_pauses == 0
-    assert session.held_budget.held == 0
+    assert session.inbound.held_budget.held == 0
 
 
 # -- id reuse: rule 8 ----------------------------------------------------------------
@@ -686,8 +687,8 @@ def test_rule8_parked_syn_routing_and_the_old_fin_starts_the_new_one(logs: LogCa
     # A fast pipe brings the SYN of the id's next connection.
     rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
     assert len(rp.reactor.tcpClients) == 1
-    new = session.conns[7].parked
-    assert new is not None and new.state == PARKED
+    new = session.role.parked.get(7)
+    assert new is not None and new.life.state is State.PARKED
     # seq 1 is behind the old one's next expected (2): the new connection's.
     rp.send(Data(7, 1, b"new1"), pipe=1)
     # seq 2 is the old one's.
@@ -699,7 +700,7 @@ def test_rule8_parked_syn_routing_and_the_old_fin_starts_the_new_one(logs: LogCa
     rp.send(Fin(7, 3, 0x88), pipe=0)
     assert a.write_closed
     assert [(h, p) for h, p, *_ in rp.reactor.tcpClients] == [("10.0.0.1", 1), ("10.0.0.2", 2)]
-    assert session.conns[7] is new and new.parked is None
+    assert session.conns[7] is new and 7 not in session.role.parked
     b_proto, b = rp.accept()
     assert b.value() == b"new1"
     rp.send(Data(7, 2, b"new2"))
@@ -744,7 +745,7 @@ def test_rule8_old_fin_before_the_server_closes_sends_later_messages_to_the_new_
     # The next connection's messages overtake its SYN; they are not the old one's.
     rp.send(Data(7, 1, b"new1"), pipe=1)
     rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
-    assert old.parked is not None
+    assert session.role.parked.get(7) is not None
     a_proto.dataReceived(b"bye")
     a_proto.readConnectionLost()
     assert rp.sent() == [Data(7, 0, b"bye"), Fin(7, 1, 0x88)]
@@ -765,7 +766,7 @@ def test_rule8_two_seconds_without_the_old_fin_resets_the_old_server(logs: LogCa
     assert len(rp.reactor.tcpClients) == 1
     rp.reactor.advance(0.001)
     assert a.disconnected  # RST to the old server
-    assert session.queued_total == 4  # "stuck" dropped; "new1" waits for the new connect
+    assert session.inbound.queued_total == 4  # "stuck" dropped; "new1" waits for the new connect
     assert rp.mux.stats.live_id_reuses == 1
     assert logs.matching("id 7 was reused while its connection")
     assert len(rp.reactor.tcpClients) == 2
@@ -815,10 +816,10 @@ def test_rule9_orphans_are_dropped_after_10_seconds_and_counted() -> None:
     session = rp.up()
     rp.send(Data(9, 1, b"abc"), Data(9, 2, b"de"), Fin(9, 3, 0x88))
     rp.reactor.advance(9.999)
-    assert session.orphans[9].size == 11 + 10 + 9
+    assert session.role.orphans[9].size == 11 + 10 + 9
     assert rp.mux.stats.tails_dropped == 0
     rp.reactor.advance(0.001)
-    assert session.orphans == {} and session.orphan_total == 0
+    assert session.role.orphans == {} and session.role.orphan_total == 0
     assert rp.mux.stats.tails_dropped == 3
     assert rp.mux.stats.tail_bytes_dropped == 5
     assert not session.ended
@@ -834,12 +835,12 @@ def test_rule9_per_id_limit_1_mib() -> None:
     payload = b"p" * 65525  # 65533 bytes on the wire: 16 fit in 1 MiB
     for seq in range(1, 18):
         rp.send(Data(9, seq, payload))
-    assert len(session.orphans[9].messages) == 16
-    assert session.orphans[9].size == 16 * 65533 <= MiB
+    assert len(session.role.orphans[9].messages) == 16
+    assert session.role.orphans[9].size == 16 * 65533 <= MiB
     assert rp.mux.stats.tails_dropped == 1
     # A small one still fits.
     rp.send(Fin(9, 18, 0x88))
-    assert len(session.orphans[9].messages) == 17
+    assert len(session.role.orphans[9].messages) == 17
     rp.send(Syn(9, 0, HOST, PORT))
     _, server = rp.accept()
     assert server.value() == payload * 16
@@ -852,16 +853,16 @@ def test_rule9_total_limit_16_mib() -> None:
     for cid in range(16):
         for seq in range(1, 17):
             rp.send(Data(cid, seq, payload))
-    assert session.orphan_total == 16 * 16 * 65533 <= 16 * MiB
+    assert session.role.orphan_total == 16 * 16 * 65533 <= 16 * MiB
     assert rp.mux.stats.tails_dropped == 0
     rp.send(Data(16, 1, payload))
     assert rp.mux.stats.tails_dropped == 1
-    assert session.orphan_total == 16 * 16 * 65533
+    assert session.role.orphan_total == 16 * 16 * 65533
     rp.send(Fin(16, 2, 0x88))  # 9 bytes still fit
-    assert session.orphan_total == 16 * 16 * 65533 + 9
+    assert session.role.orphan_total == 16 * 16 * 65533 + 9
     # Taking some over frees room.
     rp.send(Syn(0, 0, HOST, PORT))
-    assert session.orphan_total == 15 * 16 * 65533 + 9
+    assert session.role.orphan_total == 15 * 16 * 65533 + 9
     rp.send(Data(16, 3, payload))
     assert rp.mux.stats.tails_dropped == 1
 
@@ -1008,7 +1009,7 @@ def test_session_loss_logs_every_connection_and_forgets_everything(logs: LogCapt
     assert sorted((e["conn_id"], e["how"]) for e in logs.ends()) == [(1, "session-lost"), (2, "session-lost")]
     assert s1.disconnected
     assert rp.reactor.connectors[1].stopped
-    assert session.conns == {} and session.live == set() and session.orphans == {}
+    assert session.conns == {} and session.live == set() and session.sockets == set() and session.role.orphans == {}
     assert rp.mux.stats.connect_failures == 0
     rp.reactor.advance(60)
     assert rp.mux.stats.tails_dropped == 0  # the orphan timer went with the session
@@ -1070,8 +1071,8 @@ def test_ten_thousand_connections_in_one_session() -> None:
         proto.dataReceived(b"r%d" % i)
         proto.readConnectionLost()
         proto.connectionLost(Failure(ConnectionDone()))
-    assert session.conns == {} and session.live == set()
-    assert session.queued_total == 0 and session.held_budget.held == 0
+    assert session.conns == {} and session.live == set() and session.sockets == set()
+    assert session.inbound.queued_total == 0 and session.inbound.held_budget.held == 0
     assert rp.mux.stats.connections_closed == n_conns
     out = rp.sent()
     assert len(out) == 2 * n_conns
@@ -1094,7 +1095,7 @@ def test_protocol_error_in_held_messages_from_a_server_callback(logs: LogCapture
     assert session.ended and rp.mux.session is None
     assert rp.mux.stats.protocol_errors == 1
     (line,) = logs.matching("; ending the session")
-    assert "protocol error in a message held for id 7: seq 9005 is 9004 ahead" in line
+    assert "protocol error on a message held for id 7: seq 9005 is 9004 ahead" in line
     assert "(bytes: 07 00 2d 23 00 00 09 00 78)" in line
     assert rp.reactor.getDelayedCalls() == []
 
@@ -1111,7 +1112,7 @@ def test_protocol_error_in_held_messages_leaves_no_timers(logs: LogCapture) -> N
     assert rp.mux.stats.protocol_errors == 1
     assert len(logs.matching("; ending the session")) == 1
     assert rp.reactor.getDelayedCalls() == []
-    assert session.orphans == {}
+    assert session.role.orphans == {}
 
 
 # -- property: any spreading over pipes, fragmentation and interleaving ---------------
@@ -1186,7 +1187,7 @@ def test_any_spreading_and_fragmentation_delivers_exact_bytes(case) -> None:  # 
         cid = int(server.getPeer().host.rsplit(".", 1)[1]) - 1
         assert server.value() == b"".join(conns[cid])
         assert server.write_closed
-    assert session.orphans == {} and session.queued_total == 0 and session.held_budget.held == 0
+    assert session.role.orphans == {} and session.inbound.queued_total == 0 and session.inbound.held_budget.held == 0
     assert rp.sent() == []
 
 
@@ -1200,7 +1201,7 @@ def test_tail_after_our_rst_is_dropped_on_arrival_not_held_for_a_reused_id() -> 
     rp.refuse()
     assert rp.sent() == [Fin(4, 0, 0x99)]
     rp.send(Data(4, 1, b"old tail"), Fin(4, 2, 0x88))  # still in flight when we reset
-    assert 4 not in session.orphans
+    assert 4 not in session.role.orphans
     assert rp.mux.stats.tails_dropped == 2
     # The LP reuses the id (10 s after it got our FIN): a clean new connection.
     rp.reactor.advance(10)
@@ -1217,7 +1218,7 @@ def test_early_data_of_a_new_connection_after_the_tombstone_expires_is_held() ->
     rp.refuse()
     rp.reactor.advance(10)
     rp.send(Data(4, 1, b"early"))  # overtook its SYN: held, not dropped
-    assert session.orphans[4].messages == [Data(4, 1, b"early")]
+    assert session.role.orphans[4].messages == [Data(4, 1, b"early")]
     rp.send(Syn(4, 0, HOST, PORT))
     _, server = rp.accept()
     assert server.value() == b"early"
@@ -1233,6 +1234,6 @@ def test_tail_after_an_orderly_end_is_not_tombstoned() -> None:
     rp.send(Fin(6, 1, 0x88))
     proto.readConnectionLost()
     assert session.conns == {}
-    assert session.tombstones == {}
+    assert session.role.tombstones == {}
     rp.send(Data(6, 1, b"next"))
-    assert session.orphans[6].messages == [Data(6, 1, b"next")]
+    assert session.role.orphans[6].messages == [Data(6, 1, b"next")]

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from tm3.mux.session import Settings
+from tm3.mux.settings import Settings
 from tm3.core.wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}

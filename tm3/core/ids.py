@@ -1,4 +1,4 @@
-"""Connection id allocation for the LP (PROTOCOL.md rule 7): pure, no I/O.
+"""Connection id allocation for the LP (docs/protocol.md rule 7): pure, no I/O.
 
 Hands out the least recently freed id, and never one freed less than
 ``quarantine`` seconds ago, so messages still in flight for an old connection

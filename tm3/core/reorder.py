@@ -1,4 +1,4 @@
-"""Per-connection reordering by sequence number (PROTOCOL.md, "Sequence
+"""Per-connection reordering by sequence number (docs/protocol.md, "Sequence
 numbers and reordering"): pure, no I/O.
 
 Messages of one connection may arrive over any pipe in any order; a
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-SEQ_MASK = 0xFFFFFFFF
+from tm3.core.wire import SEQ_MASK
+
 SEQ_HALF = 1 << 31
 
 DEFAULT_WINDOW_BYTES = 64 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""The TM3 pipe message codec (PROTOCOL.md, "Messages"): pure, no I/O.
+"""The TM3 pipe message codec (docs/protocol.md, "Messages"): pure, no I/O.
 
 Owns the byte format and nothing else: encoding SYN, DATA and FIN messages,
 and a streaming :class:`Decoder` that cuts a pipe's byte stream into messages
@@ -19,6 +19,8 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple, Union
 
+from tm3.core.addresses import pack_ipv4
+
 HEADER = struct.Struct("<HIH")
 HEADER_SIZE = HEADER.size  # 8
 _SYN_BODY = struct.Struct("<4sH")  # address in network order, port little-endian
@@ -35,9 +37,7 @@ DEFAULT_PAYLOAD = 4096  # what the reference LP is known to handle
 REASON_FIN = 0x88  # orderly close (TCP FIN)
 REASON_RST = 0x99  # abort (TCP RST)
 
-SEQ_MOD = 1 << 32
-SEQ_MASK = SEQ_MOD - 1
-MAX_CONN_ID = 0xFFFF
+SEQ_MASK = 0xFFFFFFFF
 
 
 class Syn(NamedTuple):
@@ -69,7 +69,7 @@ Message = Union[Syn, Data, Fin]
 
 
 class ProtocolError(Exception):
-    """A peer broke PROTOCOL.md. ``offset`` is the byte offset in the pipe's
+    """A peer broke docs/protocol.md. ``offset`` is the byte offset in the pipe's
     stream where the offending message starts, ``data`` its first bytes."""
 
     def __init__(self, reason: str, offset: int = -1, data: bytes = b"") -> None:
@@ -85,14 +85,9 @@ class ProtocolError(Exception):
 
 
 def encode_syn(conn_id: int, host: str, port: int, seq: int = 0) -> bytes:
-    try:
-        # inet_pton, not inet_aton: inet_aton takes "010.0.0.1" as octal
-        # (8.0.0.1), "0x7f.1" as hex, and ignores anything after a space.
-        packed = socket.inet_pton(socket.AF_INET, host)
-    except (OSError, TypeError):
-        raise ValueError(f"SYN needs an IPv4 address, not {host!r}") from None
-    if host.count(".") != 3:  # inet_aton accepts "127.1"; the wire wants 4 octets
-        raise ValueError(f"SYN needs a dotted-quad IPv4 address, not {host!r}")
+    """Raises ``ValueError`` (:class:`~tm3.core.addresses.NotIPv4`) for a
+    host that is not a dotted-quad IPv4 address, or a port out of range."""
+    packed = pack_ipv4(host)
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} is outside 0..65535")
     return HEADER.pack(conn_id, seq, LEN_SYN) + _SYN_BODY.pack(packed, port)

@@ -7,8 +7,10 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from tm3.lp.service import LocalProxy, forward_factory, resolve_ipv4, socks_factory, transparent_factory
-from tm3.mux.session import Settings
+from tm3.core.addresses import NotIPv4
+from tm3.lp.clients import forward_factory, socks_factory, transparent_factory
+from tm3.lp.service import LocalProxy, resolve_ipv4
+from tm3.mux.settings import Settings
 from tm3.options import TUNING_PARAMETERS, check_server_endpoint, parse_int, parse_tuning, settings_from
 
 DEFAULT_RP_PORT = 6000
@@ -21,10 +23,16 @@ def parse_remote(text: str) -> tuple[str, int]:
     if not host:
         raise usage.UsageError(f"--remote must be HOST or HOST:PORT, not {text!r}")
     port = parse_int("remote port", port_text, 1, 65535)
+    return _resolve("remote", host), port
+
+
+def _resolve(option: str, host: str) -> str:
     try:
-        return resolve_ipv4(host), port
+        return resolve_ipv4(host)
+    except NotIPv4 as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
     except OSError as e:
-        raise usage.UsageError(f"--remote: cannot resolve {host!r} to an IPv4 address ({e})") from None
+        raise usage.UsageError(f"--{option}: cannot resolve {host!r} to an IPv4 address ({e})") from None
 
 
 def parse_forward(text: str) -> tuple[str, str, int]:
@@ -34,11 +42,7 @@ def parse_forward(text: str) -> tuple[str, str, int]:
         raise usage.UsageError(f"--forward must be LISTEN_ENDPOINT:HOST:PORT (like tcp:8080:10.0.0.5:80), not {text!r}")
     listen, host, port_text = parts
     port = parse_int("forward port", port_text, 1, 65535)
-    try:
-        ip = resolve_ipv4(host)
-    except OSError as e:
-        raise usage.UsageError(f"--forward: cannot resolve {host!r} to an IPv4 address ({e})") from None
-    return listen, ip, port
+    return listen, _resolve("forward", host), port
 
 
 DEFAULT_BACKLOG = 1024

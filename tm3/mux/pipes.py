@@ -1,25 +1,26 @@
-"""Pipes: the long-lived TCP connections between LP and RP, and how messages
-are spread over them.
+"""Pipes: the long-lived TCP connections between LP and RP, how a set of
+them is gathered, and how messages are spread over them.
 
-- :class:`PipeProtocol` is one pipe. It hands every received byte to its owner
-  (the session), and batches what is written to it: all messages bound for one
+- :class:`PipeProtocol` is one pipe. Until it belongs to a session it
+  reports to the :class:`PipeGathering` that is collecting it and keeps what
+  it receives (bounded) for the session; then it hands every byte to the
+  session, and batches what is written to it: all messages bound for one
   pipe in one reactor turn go out in one ``writeSequence`` call.
+- :class:`PipeGathering` collects exactly ``n`` pipes for one session, for
+  both roles: the RP's pending set of accepted pipes, the LP's dial attempt.
 - :class:`PipeSet` is the scheduler over the ``n`` pipes of a session. Each
   message goes whole to one pipe that is not blocked (round robin among the
   unblocked ones); a pipe is blocked while its transport has paused the
-  pipe's :class:`~tm3.mux.flow.WriteGate`. When every pipe is blocked the owner is
-  told, so it stops reading the application sockets; as soon as one pipe
-  resumes it is told again.
-- :class:`PipeFactory` is the RP's listening factory: accepted pipes wait in a
-  pending set (their bytes are kept, not acted on) until ``n`` are up; the set
-  then becomes a session. A set still incomplete after 30 s is closed.
+  pipe's :class:`~tm3.mux.flow.WriteGate`. When every pipe is blocked the
+  session is told, so it stops reading the application sockets; as soon as
+  one pipe resumes it is told again.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.error import ConnectionAborted, ConnectionLost
 from twisted.internet.task import LoopingCall
@@ -28,8 +29,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tm3.mux.flow import WriteGate, abort_transport, register_producer
 from tm3.core.wire import Decoder
+from tm3.mux.flow import WriteGate, abort_transport, register_producer
 
 # Write a pipe's batch at once when it grows past this, instead of waiting for
 # the end of the reactor turn, so the transport's own 64 KiB high-water mark
@@ -57,7 +58,8 @@ class PipeOwner(TypingProtocol):
 class PipeProtocol(Protocol):
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, group: PipeGathering | None = None) -> None:
+        self.group = group  # collecting this pipe, until a session owns it
         self.owner: PipeOwner | None = None
         self.name = "pipe"
         self.decoder = Decoder()
@@ -68,8 +70,6 @@ class PipeProtocol(Protocol):
         self.early: list[bytes] = []
         self.early_bytes = 0
         self.connected_ = False
-        self.bytes_received = 0
-        self.bytes_sent = 0
 
     # -- Twisted callbacks -------------------------------------------------
 
@@ -83,12 +83,10 @@ class PipeProtocol(Protocol):
             # Nagle would add up to 40 ms to every small exchange (Twisted #12311).
             transport.setTcpNoDelay(True)
         register_producer(transport, self.gate)
-        on_made = getattr(self.factory, "pipe_made", None)
-        if on_made is not None:
-            on_made(self)
+        if self.group is not None:
+            self.group.pipe_made(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.bytes_received += len(data)
         owner = self.owner
         if owner is not None:
             owner.pipe_data(self, data)
@@ -101,14 +99,12 @@ class PipeProtocol(Protocol):
                 pipe=self.name,
                 n=self.early_bytes,
             )
-            self.abort()
             self.early, self.early_bytes = [], 0
             # Leave the pending set now: a TCP transport reports the abort
             # only in a later turn, and a set completed meanwhile must not
             # take this pipe.
-            on_lost = getattr(self.factory, "pipe_gone", None)
-            if on_lost is not None:
-                on_lost(self, Failure(ConnectionAborted()))
+            self._leave_group(Failure(ConnectionAborted()))
+            self.abort()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False
@@ -117,14 +113,18 @@ class PipeProtocol(Protocol):
         if owner is not None:
             owner.pipe_lost(self, reason)
         else:
-            on_lost = getattr(self.factory, "pipe_gone", None)
-            if on_lost is not None:
-                on_lost(self, reason)
+            self._leave_group(reason)
+
+    def _leave_group(self, reason: Failure) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            group.pipe_gone(self, reason)
 
     # -- attaching to a session --------------------------------------------
 
     def attach(self, owner: PipeOwner) -> None:
         """Hand the pipe to a session, replaying bytes that came early."""
+        self.group = None
         self.owner = owner
         early, self.early, self.early_bytes = self.early, [], 0
         for chunk in early:
@@ -142,7 +142,6 @@ class PipeProtocol(Protocol):
         if self.outbox:
             outbox = self.outbox
             self.outbox = []
-            self.bytes_sent += self.outbox_bytes
             self.outbox_bytes = 0
             if self.connected_ and self.transport is not None:
                 self.transport.writeSequence(outbox)
@@ -171,6 +170,7 @@ class PipeProtocol(Protocol):
         """Close the pipe now: a dead session's backlog is worth nothing."""
         self.outbox = []
         self.owner = None
+        self.group = None
         transport = self.transport
         if transport is not None and self.connected_:
             abort_transport(transport)
@@ -307,58 +307,84 @@ class PipeSet:
             pipe.abort()
 
 
-class PipeFactory(Factory):
-    """Accepts pipes and forms sessions of exactly ``n`` of them.
+class PipeGathering(Factory):
+    """Collects exactly ``n`` pipes for one session; a factory of the pipes
+    it collects (the LP connects with it; the RP's listening factory hands
+    each accepted pipe to its pending one).
 
-    ``on_complete`` receives each complete set; it owns the pipes from then on.
+    ``on_complete`` gets the pipes once there are ``n``; they are the
+    session's from then on, and the gathering starts over empty. A pipe
+    that closes before leaves the set (``on_lost`` is told: the LP gives up
+    the whole attempt). A set still incomplete ``timeout`` seconds after its
+    first pipe is closed (the RP's rule: docs/protocol.md, "Pipes and sessions").
     """
 
-    protocol = PipeProtocol
     log = Logger()
     noisy = False
 
     def __init__(
         self,
-        pipes: int,
+        n: int,
         reactor: IReactorTime,
-        on_complete: Callable[[list[PipeProtocol]], Any],
-        pending_timeout: float = PENDING_TIMEOUT,
+        on_complete: Callable[[list[PipeProtocol]], object],
+        on_lost: Callable[[PipeProtocol, Failure], object] | None = None,
+        timeout: float | None = None,
     ) -> None:
-        if pipes < 1:
+        if n < 1:
             raise ValueError("a session needs at least one pipe")
-        self.n = pipes
+        self.n = n
         self.reactor = reactor
         self.on_complete = on_complete
-        self.pending_timeout = pending_timeout
-        self.pending: list[PipeProtocol] = []
+        self.on_lost = on_lost
+        self.timeout = timeout
+        self.pipes: list[PipeProtocol] = []
+        self.closed = False
         self._timer: IDelayedCall | None = None
 
+    def __len__(self) -> int:
+        return len(self.pipes)
+
+    def buildProtocol(self, addr: object) -> PipeProtocol:
+        """A new pipe that reports to this gathering."""
+        pipe = PipeProtocol(self)
+        pipe.factory = self
+        return pipe
+
     def pipe_made(self, pipe: PipeProtocol) -> None:
-        self.pending.append(pipe)
-        if len(self.pending) == 1:
-            self._timer = self.reactor.callLater(self.pending_timeout, self._expire)
-        if len(self.pending) < self.n:
+        if self.closed:
+            pipe.abort()
+            return
+        self.pipes.append(pipe)
+        if len(self.pipes) == 1 and self.timeout is not None:
+            self._timer = self.reactor.callLater(self.timeout, self._expire)
+        if len(self.pipes) < self.n:
             self.log.info(
-                "{pipe} connected; {have} of {n} pipes pending", pipe=pipe.name, have=len(self.pending), n=self.n
+                "{pipe} connected; {have} of {n} pipes pending", pipe=pipe.name, have=len(self.pipes), n=self.n
             )
             return
-        complete, self.pending = self.pending, []
+        complete, self.pipes = self.pipes, []
         self._cancel_timer()
         self.on_complete(complete)
 
     def pipe_gone(self, pipe: PipeProtocol, reason: Failure) -> None:
-        if pipe in self.pending:
-            self.pending.remove(pipe)
-            self.log.info("pending {pipe} closed; {have} of {n} pipes pending", pipe=pipe.name, have=len(self.pending), n=self.n)
-            if not self.pending:
-                self._cancel_timer()
+        if pipe not in self.pipes:
+            return
+        self.pipes.remove(pipe)
+        if not self.pipes:
+            self._cancel_timer()
+        if self.on_lost is not None:
+            self.on_lost(pipe, reason)
+        else:
+            self.log.info(
+                "pending {pipe} closed; {have} of {n} pipes pending", pipe=pipe.name, have=len(self.pipes), n=self.n
+            )
 
     def _expire(self) -> None:
         self._timer = None
-        stale, self.pending = self.pending, []
+        stale, self.pipes = self.pipes, []
         self.log.warn(
             "pipe set incomplete after {t:.0f} s ({have} of {n}); closing those pipes",
-            t=self.pending_timeout,
+            t=self.timeout,
             have=len(stale),
             n=self.n,
         )
@@ -370,8 +396,10 @@ class PipeFactory(Factory):
             self._timer.cancel()
         self._timer = None
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        """Close every pipe gathered so far, and any that connects later."""
+        self.closed = True
         self._cancel_timer()
-        stale, self.pending = self.pending, []
+        stale, self.pipes = self.pipes, []
         for pipe in stale:
             pipe.abort()

@@ -15,10 +15,9 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from tm3.listening import ListeningService
-from tm3.mux.session import Settings
+from tm3.mux.settings import Settings
 from tm3.options import TUNING_PARAMETERS, argv_from_env, check_server_endpoint, parse_int, parse_tuning, settings_from
-from tm3.mux.pipes import PipeFactory
-from tm3.rp.service import Multiplexer
+from tm3.rp.service import Multiplexer, PipeFactory
 
 ENVIRONMENT = {
     "TM3_PIPES": "pipes",
@@ -37,7 +36,7 @@ class Options(usage.Options):
     longdesc = (
         "TM3 remote proxy (RP). Accepts exactly N pipe connections from a TM3 local "
         "proxy, opens the TCP connections the LP asks for, and relays their bytes "
-        "over the pipes (protocol: PROTOCOL.md, version 1)."
+        "over the pipes (protocol: docs/protocol.md, version 1)."
     )
     optParameters = [
         ["pipes", "n", None, "Pipes in a session: the RP waits for exactly this many from the LP (required, 1..1024)."],

@@ -1,0 +1,113 @@
+"""The LP's pipe dialer: opens all ``n`` pipes to the RP at once, and uses a
+set only whole. A failed try is retried with exponential backoff; the delay
+after a session ends depends on whether that session was of any use (an RP
+that closes every set at once probably expects another ``--pipes``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tm3.mux.pipes import PipeGathering, PipeProtocol
+
+INITIAL_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+
+
+class PipeDialer:
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, host: str, port: int, n: int, on_up: Any, timeout: float = 10.0
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.n = n
+        self.on_up = on_up
+        self.timeout = timeout
+        self.backoff = INITIAL_BACKOFF
+        self.attempt: PipeGathering | None = None
+        self.retry: IDelayedCall | None = None
+        self.stopped = True
+        self.failures = 0
+
+    def start(self, delay: float = 0.0) -> None:
+        self.stopped = False
+        if self.retry is not None and self.retry.active():
+            return
+        if delay > 0:
+            self.retry = self.reactor.callLater(delay, self._dial)
+        else:
+            self._dial()
+
+    def _dial(self) -> None:
+        self.retry = None
+        if self.stopped:
+            return
+        attempt = self.attempt = PipeGathering(
+            self.n,
+            self.reactor,
+            on_complete=lambda pipes: self._complete(attempt, pipes),
+            on_lost=lambda _pipe, reason: self.failed(attempt, reason),
+        )
+        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
+        for _ in range(self.n):
+            d: Deferred[Any] = endpoint.connect(attempt)
+            d.addErrback(self._connect_failed, attempt)
+
+    def _connect_failed(self, reason: Failure, attempt: PipeGathering) -> None:
+        self.failed(attempt, reason)
+
+    def failed(self, attempt: PipeGathering, reason: Failure) -> None:
+        if attempt.closed or attempt is not self.attempt:
+            return
+        attempt.close()
+        self.attempt = None
+        self.failures += 1
+        if self.stopped:
+            return
+        self.log.warn(
+            "cannot open {n} pipes to the RP at {host}:{port}: {why}; retrying in {delay:.1f} s",
+            n=self.n,
+            host=self.host,
+            port=self.port,
+            why=reason.getErrorMessage(),
+            delay=self.backoff,
+        )
+        self.retry = self.reactor.callLater(self.backoff, self._dial)
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+
+    def _complete(self, attempt: PipeGathering, pipes: list[PipeProtocol]) -> None:
+        attempt.closed = True  # the pipes belong to the session now
+        if attempt is not self.attempt:
+            for pipe in pipes:
+                pipe.abort()
+            return
+        self.attempt = None
+        self.on_up(pipes)
+
+    def next_delay(self, session_was_useful: bool) -> float:
+        """Delay before redialing after a session ended: short after a
+        session that lasted or carried traffic, growing after ones that
+        died at once (the RP keeps closing them: it expects another --pipes)."""
+        if session_was_useful:
+            self.backoff = INITIAL_BACKOFF
+            return INITIAL_BACKOFF
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        return delay
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.retry is not None and self.retry.active():
+            self.retry.cancel()
+        self.retry = None
+        if self.attempt is not None:
+            self.attempt.close()
+            self.attempt = None

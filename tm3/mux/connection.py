@@ -1,0 +1,60 @@
+"""One carried application connection: what the session knows of it.
+
+Each field has one owner, named in the comments: the life cycle
+(:mod:`tm3.core.lifecycle`) decides what may happen next, the inbound half
+(pipes -> socket, :mod:`tm3.mux.inbound`) owns the reorder buffer and the
+queue of bytes the socket has not taken, the outbound half (socket -> pipes,
+:mod:`tm3.mux.outbound`) owns the send sequence number and the read pause.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from tm3.core.lifecycle import Lifecycle, State
+from tm3.core.reorder import HeldBudget, ReorderBuffer
+from tm3.core.wire import Message
+
+if TYPE_CHECKING:
+    from tm3.mux.stream import StreamProtocol
+
+
+class Connection:
+    __slots__ = (
+        "conn_id", "host", "port", "started", "life", "stream",
+        "rx", "queue", "queued", "shut_pending", "bytes_in",
+        "tx_seq", "read_paused", "bytes_out",
+        "__weakref__",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        conn_id: int,
+        host: str,
+        port: int,
+        window_bytes: int,
+        budget: HeldBudget,
+        state: State = State.CONNECTING,
+    ) -> None:
+        self.conn_id = conn_id
+        self.host = host
+        self.port = port
+        self.started = time.monotonic()
+        self.life = Lifecycle(state)
+        # The socket while it is up and ours to use (session: attach, reset).
+        self.stream: StreamProtocol | None = None
+        # Inbound: messages from the pipes, and bytes the socket has not taken.
+        self.rx: ReorderBuffer[Message] = ReorderBuffer(0, window_bytes, budget)
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.shut_pending = False  # half-close the socket once the queue is written
+        self.bytes_in = 0  # payload from the pipes, written to the socket
+        # Outbound: bytes from the socket, framed onto the pipes.
+        self.tx_seq = 0
+        self.read_paused = False
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.conn_id} {self.host}:{self.port} {self.life.state.value}>"

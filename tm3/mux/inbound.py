@@ -1,0 +1,206 @@
+"""The inbound half of a session: pipes -> sockets.
+
+Bytes from each pipe are cut into messages, given to the role to route by id,
+put back in sequence order per connection, and acted on: DATA is written to
+the connection's socket, a FIN is an event for the connection's life cycle,
+a SYN goes to the role.
+
+A socket that does not take the bytes as fast as the pipes bring them gets a
+queue. The protocol has no per-connection window (v1), so the only lossless
+answer to a queue that keeps growing is to stop reading *all* pipes: past the
+per-connection ceiling or the global one, reading stops until the queues are
+down to half (hysteresis, so the pipes do not flap). Bytes held for a
+sequence gap never count here: pausing the pipes could hold back the very
+message that fills the gap; the reorder window bounds them instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.logger import Logger
+
+from tm3.core.lifecycle import WAITING, Event
+from tm3.core.reorder import HeldBudget, ReorderError
+from tm3.core.wire import REASON_RST, SEQ_MASK, Data, Fin, Message, ProtocolError, Syn, encode, wire_size
+from tm3.mux.connection import Connection
+
+if TYPE_CHECKING:
+    from tm3.mux.pipes import PipeProtocol
+    from tm3.mux.session import Session
+
+
+class Inbound:
+    log = Logger()
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.settings = session.settings
+        self.stats = session.stats
+        self.held_budget = HeldBudget(session.settings.total_window_bytes)
+        self.queued_total = 0
+        self.over_ceiling: set[Connection] = set()
+
+    # -- messages ------------------------------------------------------------
+
+    def pipe_data(self, pipe: PipeProtocol, data: bytes) -> None:
+        session = self.session
+        stats = self.stats
+        route = session.role.route
+        msg: Message | None = None
+        try:
+            for msg in pipe.decoder.feed(data):
+                stats.messages_received += 1
+                route(msg)
+                if session.ended:
+                    break
+        except (ProtocolError, ReorderError) as e:
+            if isinstance(e, ProtocolError) and e.offset >= 0:
+                session.protocol_error(pipe.name, e.reason, e.offset, e.data)
+            else:
+                raw = encode(msg)[:16] if msg is not None else b""
+                session.protocol_error(pipe.name, str(e), pipe.decoder.offset, raw)
+
+    def push(self, conn: Connection, msg: Message) -> None:
+        """Reorder ``msg`` into ``conn`` and act on whatever is now in order."""
+        rx = conn.rx
+        seq = msg.seq
+        if seq == rx.next_seq and not rx.held_bytes:
+            # The common case, in order with nothing held: no buffering, no
+            # list (held_bytes is 0 exactly when nothing is held).
+            rx.next_seq = (seq + 1) & SEQ_MASK
+            if type(msg) is Data:
+                self.write(conn, msg.payload)
+            else:
+                self._deliver(conn, msg)
+            return
+        ready = rx.push(seq, msg, wire_size(msg))
+        for i, m in enumerate(ready):
+            self._deliver(conn, m)
+            if type(m) is Fin:
+                # Anything after a connection's FIN belongs to the next
+                # connection with this id (docs/protocol.md rule 8).
+                rest = ready[i + 1 :]
+                rest.extend(item for _, item in conn.rx.take_held())
+                if rest:
+                    self.session.role.after_fin(conn, rest)
+                break
+
+    def _deliver(self, conn: Connection, msg: Message) -> None:
+        if type(msg) is Data:
+            self.write(conn, msg.payload)
+        elif type(msg) is Fin:
+            self.session.event(conn, Event.PEER_RST if msg.reason == REASON_RST else Event.PEER_FIN)
+        else:
+            assert type(msg) is Syn
+            self.session.role.syn_delivered(conn, msg)
+
+    # -- the socket's queue --------------------------------------------------
+
+    def write(self, conn: Connection, payload: bytes) -> None:
+        """DATA in order: to the socket now, to its queue, or (the socket is
+        gone for good) dropped and counted."""
+        n = len(payload)
+        if not n:
+            return
+        stream = conn.stream
+        if stream is not None:
+            if not conn.queue and not stream.gate.is_blocked:
+                # Counted when written, not when received: a connect that
+                # fails (or a socket that goes away) took none of the queue.
+                conn.bytes_in += n
+                self.stats.bytes_from_pipes += n
+                stream.write(payload)
+                return
+        elif conn.life.state not in WAITING:
+            self.stats.tail_bytes_dropped += n
+            return
+        conn.queue.append(payload)
+        conn.queued += n
+        self.queued_total += n
+        self._check_ceiling(conn)
+
+    def drain(self, conn: Connection) -> None:
+        """Write what the socket will take now; half-close once all is written
+        if the peer's FIN asked for it."""
+        stream = conn.stream
+        if stream is None:
+            return
+        queue = conn.queue
+        gate = stream.gate
+        freed = 0
+        while queue and not gate.is_blocked:
+            chunk = queue.popleft()
+            freed += len(chunk)
+            stream.write(chunk)
+        if freed:
+            conn.bytes_in += freed
+            self.stats.bytes_from_pipes += freed
+            self._dequeued(conn, freed)
+        if not queue and conn.shut_pending:
+            conn.shut_pending = False
+            stream.shutdown_write()
+
+    def shutdown_when_drained(self, conn: Connection) -> None:
+        conn.shut_pending = True
+        self.drain(conn)
+
+    def take_queue(self, conn: Connection) -> list[bytes]:
+        """Hand over what the socket has not taken (to be written at once by
+        the caller: the LP's flush-then-reset)."""
+        chunks = list(conn.queue)
+        n = conn.queued
+        conn.queue.clear()
+        conn.shut_pending = False
+        if n:
+            conn.bytes_in += n
+            self.stats.bytes_from_pipes += n
+            self._dequeued(conn, n)
+        return chunks
+
+    def drop_queue(self, conn: Connection) -> None:
+        n = conn.queued
+        conn.queue.clear()
+        conn.shut_pending = False
+        if n:
+            self.stats.tail_bytes_dropped += n
+            self._dequeued(conn, n)
+
+    # -- ceilings --------------------------------------------------------------
+
+    def _check_ceiling(self, conn: Connection) -> None:
+        s = self.settings
+        if conn.queued > s.conn_queue_limit:
+            self.over_ceiling.add(conn)
+        pipes = self.session.pipes
+        if (self.over_ceiling or self.queued_total > s.total_queue_limit) and not pipes.reading_paused:
+            self.stats.upload_pauses += 1
+            self.log.info(
+                "{session}: socket queues full (conn {conn_id} has {queued} B queued, {total} B in all);"
+                " pausing all pipes until they drain",
+                session=self.session.name,
+                conn_id=conn.conn_id,
+                queued=conn.queued,
+                total=self.queued_total,
+            )
+            pipes.pause_reading()
+
+    def _dequeued(self, conn: Connection, n: int) -> None:
+        conn.queued -= n
+        self.queued_total -= n
+        s = self.settings
+        if conn.queued <= s.conn_queue_limit // 2:
+            self.over_ceiling.discard(conn)
+        pipes = self.session.pipes
+        if (
+            pipes.reading_paused
+            and not self.over_ceiling
+            and self.queued_total <= s.total_queue_limit // 2
+            and not self.session.ended
+        ):
+            self.log.info(
+                "{session}: socket queues drained ({total} B); resuming pipes",
+                session=self.session.name,
+                total=self.queued_total,
+            )
+            pipes.resume_reading()

@@ -1,0 +1,54 @@
+"""What a session is tuned with (:class:`Settings`) and what it counts
+(:class:`Stats`). The defaults are docs/protocol.md's; every one of them is an
+option of both proxies (tm3/options.py)."""
+
+from __future__ import annotations
+
+from attrs import define, field, frozen
+
+from tm3.core.reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES
+from tm3.core.wire import DEFAULT_PAYLOAD
+
+MiB = 1024 * 1024
+
+
+@frozen
+class Settings:
+    """Tunables of a session."""
+
+    max_payload: int = DEFAULT_PAYLOAD
+    connect_timeout: float = 10.0
+    conn_queue_limit: int = 4 * MiB
+    total_queue_limit: int = 64 * MiB
+    window_bytes: int = DEFAULT_WINDOW_BYTES
+    total_window_bytes: int = DEFAULT_TOTAL_WINDOW_BYTES
+    orphan_timeout: float = 10.0
+    orphan_id_limit: int = 1 * MiB
+    orphan_total_limit: int = 16 * MiB
+    reuse_grace: float = 2.0
+
+
+@define
+class Stats:
+    """Counters over the life of a proxy (all sessions)."""
+
+    sessions: int = 0
+    sessions_ended: int = 0
+    protocol_errors: int = 0
+    connections_opened: int = 0
+    connections_closed: int = 0
+    connect_failures: int = 0
+    bytes_from_pipes: int = 0  # payload written to sockets
+    bytes_to_pipes: int = 0  # payload read from sockets
+    messages_received: int = 0
+    messages_sent: int = 0
+    tails_dropped: int = 0  # messages for connections that are over
+    tail_bytes_dropped: int = 0
+    live_id_reuses: int = 0
+    upload_pauses: int = 0
+    download_pauses: int = 0
+    ended_by: dict[str, int] = field(factory=dict)
+
+    def ended(self, how: str) -> None:
+        self.connections_closed += 1
+        self.ended_by[how] = self.ended_by.get(how, 0) + 1

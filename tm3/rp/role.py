@@ -1,0 +1,296 @@
+"""The remote proxy's role in a session: connections begin with the LP's
+SYN, and the RP opens the real TCP connection to the server.
+
+Routing by id follows docs/protocol.md rules 8 and 9:
+
+- a SYN for an id whose older connection is not over yet is **parked**: the
+  new connection waits, and each message for the id goes to the old one if
+  its seq is at or past the old one's next expected seq, else to the new one;
+  when the old one is over the new one connects. If the old one is still not
+  over ``reuse_grace`` seconds after the SYN, it is reset (a live id reused);
+- a message for an id with no connection is **held** (an orphan), in case
+  its SYN is still on a slower pipe: ``orphan_timeout`` seconds at most,
+  bounded per id and in all;
+- after we end a connection before the LP's last message came (connect
+  failed, server reset), the LP's in-flight tail is dropped on arrival for
+  ``orphan_timeout`` seconds (a **tombstone**) instead of held, where a reused
+  id's SYN could take it over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IConnector, IDelayedCall, IReactorTCP
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tm3.core.lifecycle import Event, State
+from tm3.core.reorder import ReorderError
+from tm3.core.wire import Message, ProtocolError, Syn, encode, wire_size
+from tm3.mux.connection import Connection
+from tm3.mux.role import IRole
+from tm3.mux.session import Session
+from tm3.mux.stream import StreamProtocol
+
+
+class ServerConnection(StreamProtocol):
+    """The RP's TCP connection to a server, for one connection id."""
+
+
+class ServerConnectionFactory(ClientFactory):
+    noisy = False  # one per connection: the end-of-connection line says enough
+
+    def __init__(self, session: Session, role: RemoteRole, conn: Connection) -> None:
+        self.session = session
+        self.role = role
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> ServerConnection:
+        proto = ServerConnection()
+        proto.bind(self.session, self.conn)
+        proto.factory = self
+        return proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.role.connect_failed(self.conn, reason)
+
+
+class _Orphans:
+    """Messages for an id that has no connection (yet)."""
+
+    __slots__ = ("messages", "size", "timer")
+
+    def __init__(self, timer: IDelayedCall) -> None:
+        self.messages: list[Message] = []
+        self.size = 0
+        self.timer = timer
+
+
+@implementer(IRole)
+class RemoteRole:
+    log = Logger()
+    upload_from_pipes = True
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.reactor = session.reactor
+        self.settings = session.settings
+        self.stats = session.stats
+        self.connectors: dict[Connection, IConnector] = {}
+        self.parked: dict[int, Connection] = {}  # id -> the connection waiting for it
+        self.reuse_timers: dict[int, IDelayedCall] = {}
+        self.orphans: dict[int, _Orphans] = {}
+        self.orphan_total = 0
+        # id -> until when its in-flight tail is dropped on arrival (at most
+        # one entry per id, so bounded by 65536; expired lazily).
+        self.tombstones: dict[int, float] = {}
+
+    # -- routing (rules 8 and 9) -----------------------------------------------
+
+    def route(self, msg: Message) -> None:
+        cid = msg.conn_id
+        conn = self.session.conns.get(cid)
+        if type(msg) is Syn:
+            self._syn(conn, msg)
+            return
+        if conn is None:
+            deadline = self.tombstones.get(cid)
+            if deadline is not None:
+                if self.reactor.seconds() < deadline:
+                    self.session.drop_tail(msg)
+                    return
+                del self.tombstones[cid]
+            self.hold_orphan(msg)
+            return
+        target: Connection | None = conn
+        if conn.life.peer_done:
+            # The old connection has had its last message: this is the next one's.
+            target = self.parked.get(cid)
+        elif cid in self.parked and conn.rx.is_behind(msg.seq):
+            target = self.parked[cid]
+        if target is None:
+            self.hold_orphan(msg)
+        else:
+            self.session.inbound.push(target, msg)
+
+    def _syn(self, old: Connection | None, msg: Syn) -> None:
+        cid = msg.conn_id
+        if msg.seq != 0:
+            raise ProtocolError(f"SYN for connection {cid} with seq {msg.seq} (a SYN is always seq 0)")
+        self.tombstones.pop(cid, None)
+        session = self.session
+        if old is not None and cid in self.parked:
+            raise ProtocolError(f"duplicate SYN for connection {cid} (one is already waiting for the id)")
+        conn = session.new_connection(cid, msg.host, msg.port, State.PARKED)
+        if old is None:
+            session.conns[cid] = conn
+        else:
+            self.parked[cid] = conn
+            self.reuse_timers[cid] = self.reactor.callLater(self.settings.reuse_grace, self._reuse_expired, old)
+        session.inbound.push(conn, msg)
+        orphans = self.orphans.pop(cid, None)
+        if orphans is not None:
+            orphans.timer.cancel()
+            self.orphan_total -= orphans.size
+            for m in orphans.messages:
+                if conn.life.over:
+                    session.drop_tail(m)
+                else:
+                    session.inbound.push(conn, m)
+
+    def syn_delivered(self, conn: Connection, msg: Syn) -> None:
+        if self.session.conns.get(conn.conn_id) is conn:
+            self.session.event(conn, Event.CONNECT)
+        # else: parked behind the id's older connection, which starts it when over
+
+    def after_fin(self, conn: Connection, messages: list[Message]) -> None:
+        for m in messages:
+            self.route(m)
+
+    def hold_orphan(self, msg: Message) -> None:
+        if self.session.ended:
+            return  # what an ended session still routes must not start timers
+        cid = msg.conn_id
+        size = wire_size(msg)
+        orphans = self.orphans.get(cid)
+        s = self.settings
+        if orphans is None:
+            orphans = _Orphans(self.reactor.callLater(s.orphan_timeout, self._orphans_expired, cid))
+            self.orphans[cid] = orphans
+        if orphans.size + size > s.orphan_id_limit or self.orphan_total + size > s.orphan_total_limit:
+            self.session.drop_tail(msg)
+            return
+        orphans.messages.append(msg)
+        orphans.size += size
+        self.orphan_total += size
+
+    def _orphans_expired(self, cid: int) -> None:
+        orphans = self.orphans.pop(cid, None)
+        if orphans is None:
+            return
+        self.orphan_total -= orphans.size
+        for m in orphans.messages:
+            self.session.drop_tail(m)
+        self.log.debug(
+            "{session}: dropped {n} messages for id {conn_id}, which has no connection",
+            session=self.session.name,
+            n=len(orphans.messages),
+            conn_id=cid,
+        )
+
+    def _reuse_expired(self, old: Connection) -> None:
+        cid = old.conn_id
+        self.reuse_timers.pop(cid, None)
+        if old.life.over or self.session.conns.get(cid) is not old:
+            return
+        self.stats.live_id_reuses += 1
+        self.log.warn(
+            "{session}: id {conn_id} was reused while its connection to {host}:{port} was not over"
+            " {grace} s after the new SYN; resetting the old server connection",
+            session=self.session.name,
+            conn_id=cid,
+            host=old.host,
+            port=old.port,
+            grace=self.settings.reuse_grace,
+        )
+        self.session.event(old, Event.ABORT, "id-reused")
+
+    # -- connecting ------------------------------------------------------------
+
+    def connect(self, conn: Connection) -> None:
+        reactor: IReactorTCP = self.reactor  # type: ignore[assignment]
+        factory = ServerConnectionFactory(self.session, self, conn)
+        self.connectors[conn] = reactor.connectTCP(conn.host, conn.port, factory, timeout=self.settings.connect_timeout)
+
+    def connect_failed(self, conn: Connection, reason: Failure) -> None:
+        self.connectors.pop(conn, None)
+        if conn.life.over or self.session.ended:
+            return  # we stopped the connect ourselves
+        self.stats.connect_failures += 1
+        self.log.info(
+            "conn {conn_id}: connect to {host}:{port} failed: {why}",
+            conn_id=conn.conn_id,
+            host=conn.host,
+            port=conn.port,
+            why=reason.getErrorMessage(),
+        )
+        self.session.event(conn, Event.CONNECT_FAILED)
+
+    def cancel_connect(self, conn: Connection) -> None:
+        connector = self.connectors.pop(conn, None)
+        if connector is not None:
+            # A real connector's stopConnecting() reports the failed connect
+            # synchronously (connect_failed), which sees the connection over.
+            try:
+                connector.stopConnecting()
+            except Exception:  # noqa: BLE001 - NotConnectingError: it connected or failed meanwhile
+                pass
+
+    def peer_reset(self, conn: Connection) -> None:
+        # The client aborted: reset the server at once, dropping the queue.
+        self.session.inbound.drop_queue(conn)
+        self.session.reset_socket(conn)
+
+    # -- ending ------------------------------------------------------------------
+
+    def connection_over(self, conn: Connection) -> None:
+        cid = conn.conn_id
+        session = self.session
+        self.connectors.pop(conn, None)
+        if session.conns.get(cid) is conn:
+            timer = self.reuse_timers.pop(cid, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            held = [m for _, m in conn.rx.take_held()]
+            parked = self.parked.pop(cid, None)
+            if parked is not None and not parked.life.over:
+                session.conns[cid] = parked
+                session.event(parked, Event.CONNECT)
+                self._route_held(held)
+            else:
+                del session.conns[cid]
+                if not conn.life.peer_done:
+                    # We ended it before the LP's last message came (connect
+                    # failed, server reset): the LP's tail is still in flight.
+                    # Drop it on arrival for a while rather than hold it where
+                    # a reused id's SYN could take it over (rule 7: the LP
+                    # reuses the id only 10 s after it got our FIN).
+                    self.tombstones[cid] = self.reactor.seconds() + self.settings.orphan_timeout
+                    for m in held:
+                        session.drop_tail(m)
+                else:
+                    for m in held:  # numbered past its FIN: the next connection's
+                        self.hold_orphan(m)
+        elif self.parked.get(cid) is conn:
+            # The parked connection was reset by the LP before it started.
+            del self.parked[cid]
+
+    def _route_held(self, held: list[Message]) -> None:
+        # This runs from server callbacks and timers too, where no pipe read
+        # would catch a ReorderError: a held message the next connection
+        # cannot take (a duplicate, beyond its window) ends the session here.
+        for m in held:
+            try:
+                self.route(m)
+            except (ProtocolError, ReorderError) as e:
+                self.session.protocol_error(f"a message held for id {m.conn_id}", str(e), -1, encode(m)[:16])
+            if self.session.ended:
+                return
+
+    def session_ended(self) -> None:
+        for orphans in self.orphans.values():
+            if orphans.timer.active():
+                orphans.timer.cancel()
+        for timer in self.reuse_timers.values():
+            if timer.active():
+                timer.cancel()
+        self.orphans.clear()
+        self.orphan_total = 0
+        self.tombstones.clear()
+        self.parked.clear()
+        self.reuse_timers.clear()
+        self.connectors.clear()
+
