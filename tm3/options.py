@@ -11,8 +11,9 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from tm3.mux.settings import Settings
 from tm3.core.wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
+from tm3.mux.settings import Settings
+from tm3.reactor import default_reactor
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
 
@@ -60,27 +61,9 @@ def _accepted(low: int, high: int | None) -> str:
 
 
 def argv_from_env(environ: Mapping[str, str], names: Mapping[str, str]) -> list[str]:
-    """Turn ``TM3_PIPES=4``-style variables into ``["--pipes", "4"]``.
-
-    ``names`` maps each environment variable to its option; a flag option is
-    given as ``"--flag"`` and set by any of 1/true/yes/on."""
-    argv: list[str] = []
-    for var, option in names.items():
-        if var not in environ:
-            continue
-        value = environ[var]
-        if option.startswith("flag:"):
-            if value.strip().lower() in ("1", "true", "yes", "on"):
-                argv.append("--" + option[5:])
-            elif value.strip().lower() not in ("0", "false", "no", "off", ""):
-                raise usage.UsageError(f"{var} must be 1/true/yes/on or 0/false/no/off, not {value!r}")
-            continue
-        if option.startswith("list:"):
-            for item in value.split():
-                argv += ["--" + option[5:], item]
-            continue
-        argv += ["--" + option, value]
-    return argv
+    """Turn ``TM3_PIPES=4``-style variables into ``["--pipes", "4"]``;
+    ``names`` maps each environment variable to its option."""
+    return [arg for var, option in names.items() if var in environ for arg in ("--" + option, environ[var])]
 
 
 # The tuning options both proxies take, in usage.Options' optParameters form;
@@ -121,8 +104,7 @@ def settings_from(config: usage.Options) -> Settings:
 
 def check_server_endpoint(option: str, description: str) -> None:
     """A usage error unless ``description`` is a Twisted server endpoint string."""
-    from twisted.internet import reactor
-
+    reactor = default_reactor()
     try:
         endpoints.serverFromString(reactor, description)
     except (ValueError, KeyError, TypeError) as e:

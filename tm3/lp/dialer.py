@@ -5,6 +5,7 @@ that closes every set at once probably expects another ``--pipes``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tm3.mux.pipes import PipeGathering, PipeProtocol
+from tm3.reactor import IProxyReactor
 
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
@@ -23,7 +25,13 @@ class PipeDialer:
     log = Logger()
 
     def __init__(
-        self, reactor: Any, host: str, port: int, n: int, on_up: Any, timeout: float = 10.0
+        self,
+        reactor: IProxyReactor,
+        host: str,
+        port: int,
+        n: int,
+        on_up: Callable[[list[PipeProtocol]], object],
+        timeout: float = 10.0,
     ) -> None:
         self.reactor = reactor
         self.host = host

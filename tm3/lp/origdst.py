@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+
 from twisted.internet.interfaces import ISystemHandle
 
 __all__ = [

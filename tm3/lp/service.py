@@ -28,6 +28,7 @@ from tm3.mux.connection import Connection
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
 from tm3.mux.settings import Settings
+from tm3.reactor import IProxyReactor
 
 # A session that lasted this long resets the redial backoff.
 STABLE_SESSION = 10.0
@@ -38,7 +39,9 @@ class LocalProxy(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, host: str, port: int, pipes: int, settings: Settings, connect_timeout: float = 10.0):
+    def __init__(
+        self, reactor: IProxyReactor, host: str, port: int, pipes: int, settings: Settings, connect_timeout: float = 10.0
+    ) -> None:
         super().__init__()
         self.setName("tm3lp")
         self.reactor = reactor

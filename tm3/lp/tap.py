@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import endpoints
 from twisted.python import usage
 
@@ -11,7 +9,14 @@ from tm3.core.addresses import NotIPv4
 from tm3.lp.clients import forward_factory, socks_factory, transparent_factory
 from tm3.lp.service import LocalProxy, resolve_ipv4
 from tm3.mux.settings import Settings
-from tm3.options import TUNING_PARAMETERS, check_server_endpoint, parse_int, parse_tuning, settings_from
+from tm3.options import (
+    TUNING_PARAMETERS,
+    check_server_endpoint,
+    parse_int,
+    parse_tuning,
+    settings_from,
+)
+from tm3.reactor import IProxyReactor, default_reactor
 
 DEFAULT_RP_PORT = 6000
 
@@ -106,11 +111,9 @@ class Options(usage.Options):
         return settings_from(self)
 
 
-def makeService(config: Options, reactor: Any = None) -> LocalProxy:
+def makeService(config: Options, reactor: IProxyReactor | None = None) -> LocalProxy:
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+        reactor = default_reactor()
     host, port = config["remote"]
     proxy = LocalProxy(reactor, host, port, config["pipes"], config.settings(), config["connect-timeout"])
     if config["socks"]:

@@ -22,7 +22,17 @@ from twisted.logger import Logger
 
 from tm3.core.lifecycle import WAITING, Event
 from tm3.core.reorder import HeldBudget, ReorderError
-from tm3.core.wire import REASON_RST, SEQ_MASK, Data, Fin, Message, ProtocolError, Syn, encode, wire_size
+from tm3.core.wire import (
+    REASON_RST,
+    SEQ_MASK,
+    Data,
+    Fin,
+    Message,
+    ProtocolError,
+    Syn,
+    encode,
+    wire_size,
+)
 from tm3.mux.connection import Connection
 
 if TYPE_CHECKING:

@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.error import ConnectionAborted, ConnectionLost
-from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 

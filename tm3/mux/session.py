@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from twisted.internet.interfaces import IReactorTime
+
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -32,6 +32,7 @@ from tm3.mux.pipes import PipeProtocol, PipeSet
 from tm3.mux.role import IRole
 from tm3.mux.settings import Settings, Stats
 from tm3.mux.stream import StreamProtocol
+from tm3.reactor import IProxyReactor
 
 EndCallback = Callable[["Session", str], None]
 
@@ -42,7 +43,7 @@ class Session:
     def __init__(
         self,
         pipes: Sequence[PipeProtocol],
-        reactor: IReactorTime,
+        reactor: IProxyReactor,
         settings: Settings,
         stats: Stats,
         role: Callable[[Session], IRole],

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from twisted.internet.interfaces import IReactorTime
-
 from tm3.mux.pipes import PipeProtocol
 from tm3.mux.role import IRole
 from tm3.mux.session import Session
 from tm3.mux.settings import Settings, Stats
+from tm3.reactor import IProxyReactor
 
 
 class Sessions:
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: IProxyReactor,
         settings: Settings,
         role: Callable[[Session], IRole],
         on_up: Callable[[Session], object] | None = None,

@@ -18,7 +18,13 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tm3.mux.flow import WriteGate, abort_transport, register_producer, reset_pending, unregister_producer
+from tm3.mux.flow import (
+    WriteGate,
+    abort_transport,
+    register_producer,
+    reset_pending,
+    unregister_producer,
+)
 
 if TYPE_CHECKING:
     from tm3.mux.connection import Connection

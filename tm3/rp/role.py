@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IConnector, IDelayedCall, IReactorTCP
+from twisted.internet.error import NotConnectingError
+from twisted.internet.interfaces import IConnector, IDelayedCall
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -201,9 +202,8 @@ class RemoteRole:
     # -- connecting ------------------------------------------------------------
 
     def connect(self, conn: Connection) -> None:
-        reactor: IReactorTCP = self.reactor  # type: ignore[assignment]
         factory = ServerConnectionFactory(self.session, self, conn)
-        self.connectors[conn] = reactor.connectTCP(conn.host, conn.port, factory, timeout=self.settings.connect_timeout)
+        self.connectors[conn] = self.reactor.connectTCP(conn.host, conn.port, factory, timeout=self.settings.connect_timeout)
 
     def connect_failed(self, conn: Connection, reason: Failure) -> None:
         self.connectors.pop(conn, None)
@@ -226,8 +226,8 @@ class RemoteRole:
             # synchronously (connect_failed), which sees the connection over.
             try:
                 connector.stopConnecting()
-            except Exception:  # noqa: BLE001 - NotConnectingError: it connected or failed meanwhile
-                pass
+            except NotConnectingError:
+                pass  # it connected or failed in this same turn: its callback follows
 
     def peer_reset(self, conn: Connection) -> None:
         # The client aborted: reset the server at once, dropping the queue.

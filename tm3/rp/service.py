@@ -8,6 +8,7 @@ another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -19,6 +20,7 @@ from tm3.mux.pipes import PipeGathering, PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
 from tm3.mux.settings import Settings
+from tm3.reactor import IProxyReactor
 from tm3.rp.role import RemoteRole
 
 PENDING_TIMEOUT = 30.0
@@ -29,7 +31,7 @@ class Multiplexer(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorTime, settings: Settings) -> None:
+    def __init__(self, reactor: IProxyReactor, settings: Settings) -> None:
         self.settings = settings
         self.sessions = Sessions(reactor, settings, RemoteRole, on_up=self._up)
         self.stats = self.sessions.stats
@@ -66,7 +68,7 @@ class PipeFactory(Factory):
         self,
         pipes: int,
         reactor: IReactorTime,
-        on_complete: Any,
+        on_complete: Callable[[list[PipeProtocol]], object],
         pending_timeout: float = PENDING_TIMEOUT,
     ) -> None:
         self.n = pipes

@@ -16,7 +16,15 @@ from twisted.python import usage
 
 from tm3.listening import ListeningService
 from tm3.mux.settings import Settings
-from tm3.options import TUNING_PARAMETERS, argv_from_env, check_server_endpoint, parse_int, parse_tuning, settings_from
+from tm3.options import (
+    TUNING_PARAMETERS,
+    argv_from_env,
+    check_server_endpoint,
+    parse_int,
+    parse_tuning,
+    settings_from,
+)
+from tm3.reactor import IProxyReactor, default_reactor
 from tm3.rp.service import Multiplexer, PipeFactory
 
 ENVIRONMENT = {
@@ -59,7 +67,7 @@ class Options(usage.Options):
 class RemoteProxyService(MultiService):
     """The RP: a :class:`~tm3.rp.service.Multiplexer` fed by a listening :class:`~tm3.mux.pipes.PipeFactory`."""
 
-    def __init__(self, config: Options, reactor: Any) -> None:
+    def __init__(self, config: Options, reactor: IProxyReactor) -> None:
         super().__init__()
         self.setName("tm3rp")
         self.multiplexer = Multiplexer(reactor, config.settings())
@@ -77,11 +85,9 @@ class RemoteProxyService(MultiService):
         return super().stopService()
 
 
-def makeService(config: Options, reactor: Any = None) -> RemoteProxyService:
+def makeService(config: Options, reactor: IProxyReactor | None = None) -> RemoteProxyService:
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+        reactor = default_reactor()
     return RemoteProxyService(config, reactor)
 
 
