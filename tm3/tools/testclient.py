@@ -65,8 +65,8 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from tm3.tools.streaming import PatternWriter, react_exit_code
 from tm3.tools.testproto import MAX_U32, PatternChecker, Stream, encode_header
-from tm3.tools.testserver import PatternWriter, react_exit_code
 
 __all__ = [
     "ClientError",
