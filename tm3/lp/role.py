@@ -28,6 +28,9 @@ class LocalRole:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.ids = IdAllocator(session.reactor.seconds)
+        # Bound once: route runs for every message.
+        self._conns = session.conns
+        self._push = session.inbound.push
 
     def open(self, host: str, port: int) -> Connection:
         """Start a connection to ``host:port`` (IPv4): allocate an id, send
@@ -47,11 +50,11 @@ class LocalRole:
     def route(self, msg: Message) -> None:
         if type(msg) is Syn:
             raise ProtocolError(f"the RP sent a SYN (for connection {msg.conn_id}); only the LP opens connections")
-        conn = self.session.conns.get(msg.conn_id)
+        conn = self._conns.get(msg.conn_id)
         if conn is None:
             self.session.drop_tail(msg)  # the tail of a connection that is over here
         else:
-            self.session.inbound.push(conn, msg)
+            self._push(conn, msg)
 
     def syn_delivered(self, conn: Connection, msg: Syn) -> None:
         raise ProtocolError(f"the RP sent a SYN (for connection {msg.conn_id}); only the LP opens connections")

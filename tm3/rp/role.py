@@ -88,12 +88,15 @@ class RemoteRole:
         # id -> until when its in-flight tail is dropped on arrival (at most
         # one entry per id, so bounded by 65536; expired lazily).
         self.tombstones: dict[int, float] = {}
+        # Bound once: route runs for every message.
+        self._conns = session.conns
+        self._push = session.inbound.push
 
     # -- routing (rules 8 and 9) -----------------------------------------------
 
     def route(self, msg: Message) -> None:
         cid = msg.conn_id
-        conn = self.session.conns.get(cid)
+        conn = self._conns.get(cid)
         if type(msg) is Syn:
             self._syn(conn, msg)
             return
@@ -115,7 +118,7 @@ class RemoteRole:
         if target is None:
             self.hold_orphan(msg)
         else:
-            self.session.inbound.push(target, msg)
+            self._push(target, msg)
 
     def _syn(self, old: Connection | None, msg: Syn) -> None:
         cid = msg.conn_id
