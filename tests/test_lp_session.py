@@ -111,6 +111,27 @@ def test_a_pipe_lost_before_the_set_is_complete_restarts_the_dial() -> None:
     assert lp.accepting
 
 
+def test_a_session_ended_by_bytes_sent_before_the_set_was_complete_redials(logs: LogCapture) -> None:
+    """Bytes that come before the LP's set is complete are replayed when its
+    session starts; a protocol error among them ends the session as it
+    starts. The LP must still redial (it used to wait forever: the session
+    never came up, so it was never reported down either)."""
+    lp = LP(n=2)
+    for delay in (0.5, 1.0):
+        _, t0 = lp.connect_pipe()
+        t0.protocol.dataReceived(bytes(8))  # length 0
+        _, t1 = lp.connect_pipe()
+        assert lp.proxy.session is None and not lp.accepting
+        assert t0.disconnected and t1.disconnected
+        assert logs.matching(f"reconnecting in {delay:.1f} s")  # not useful: the backoff grows
+        lp.reactor.advance(delay)
+        assert len(lp.dials()) == 2
+    assert len(logs.matching("at offset 0: invalid length 0")) == 2
+    assert lp.stats.protocol_errors == 2
+    lp.up()
+    assert lp.accepting
+
+
 def test_a_client_arriving_with_no_session_is_reset(logs: LogCapture) -> None:
     lp = LP(n=1)
     client, transport = lp.accept()
