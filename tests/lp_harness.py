@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from rp_harness import PipeTransport, Reactor, ServerTransport
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -28,8 +29,6 @@ from tm3.lp.service import LocalProxy
 from tm3.mux.pipes import PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.settings import Settings
-
-from rp_harness import PipeTransport, Reactor, ServerTransport
 
 RP_HOST, RP_PORT = "10.9.0.1", 6000
 TARGET = ("93.184.216.34", 443)  # where a forward listener sends every client
