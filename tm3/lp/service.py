@@ -25,6 +25,7 @@ from tm3.lp.clients import NoRoute
 from tm3.lp.dialer import PipeDialer
 from tm3.lp.role import LocalRole
 from tm3.mux.connection import Connection
+from tm3.mux.pipes import PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
 from tm3.mux.settings import Settings
@@ -49,7 +50,7 @@ class LocalProxy(MultiService):
         self.stats = self.sessions.stats
         self.listeners: list[ListeningService] = []
         self.remote = f"{host}:{port}"
-        self.dialer = PipeDialer(reactor, host, port, pipes, self.sessions.start, connect_timeout)
+        self.dialer = PipeDialer(reactor, host, port, pipes, self._pipes_up, connect_timeout)
         self._session_started = 0.0
         self._opened_before = 0
         self._session_waiters: list[Deferred[Session]] = []
@@ -95,9 +96,17 @@ class LocalProxy(MultiService):
             if method is not None:
                 method()
 
-    def _up(self, session: Session) -> None:
+    def _pipes_up(self, pipes: list[PipeProtocol]) -> None:
         self._session_started = self.reactor.seconds()
         self._opened_before = self.stats.connections_opened
+        session = self.sessions.start(pipes)
+        if session.ended:
+            # Bytes the RP sent before the set was complete, replayed as the
+            # session started, ended it (a protocol error, logged). It never
+            # came up, so Sessions reports it neither up nor down: redial here.
+            self._down(session, "ended as it started")
+
+    def _up(self, session: Session) -> None:
         self.log.info(
             "{session} up: {n} pipes to the RP at {remote}",
             session=session.name,

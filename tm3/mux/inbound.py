@@ -195,12 +195,23 @@ class Inbound:
             )
             pipes.pause_reading()
 
+    def conn_over(self, conn: Connection) -> None:
+        """No byte can join an over connection's queue: it no longer holds
+        the pipes by the per-connection ceiling (the total still counts it)."""
+        if conn in self.over_ceiling:
+            self.over_ceiling.discard(conn)
+            self._resume_if_drained()
+
     def _dequeued(self, conn: Connection, n: int) -> None:
         conn.queued -= n
         self.queued_total -= n
         s = self.settings
         if conn.queued <= s.conn_queue_limit // 2:
             self.over_ceiling.discard(conn)
+        self._resume_if_drained()
+
+    def _resume_if_drained(self) -> None:
+        s = self.settings
         pipes = self.session.pipes
         if (
             pipes.reading_paused

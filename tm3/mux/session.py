@@ -142,7 +142,7 @@ class Session:
 
     def _over(self, conn: Connection) -> None:
         self.live.discard(conn)
-        self.inbound.over_ceiling.discard(conn)
+        self.inbound.conn_over(conn)
         self.stats.ended(conn.life.how)
         self._log_end(conn)
         if not self.ended:
