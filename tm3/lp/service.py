@@ -99,12 +99,7 @@ class LocalProxy(MultiService):
     def _pipes_up(self, pipes: list[PipeProtocol]) -> None:
         self._session_started = self.reactor.seconds()
         self._opened_before = self.stats.connections_opened
-        session = self.sessions.start(pipes)
-        if session.ended:
-            # Bytes the RP sent before the set was complete, replayed as the
-            # session started, ended it (a protocol error, logged). It never
-            # came up, so Sessions reports it neither up nor down: redial here.
-            self._down(session, "ended as it started")
+        self.sessions.start(pipes)
 
     def _up(self, session: Session) -> None:
         self.log.info(

@@ -40,17 +40,20 @@ class Sessions:
         if self.current is not None:
             self.current.end("replaced by a newer complete pipe set")
         self._count += 1
+        # Bytes that came before the set was complete are replayed as the
+        # session starts, and a protocol error among them ends it at once:
+        # it is then reported down without having been up.
         session = Session(
             pipes, self.reactor, self.settings, self.stats, self.role, on_end=self._ended, name=f"session {self._count}"
         )
-        if not session.ended:  # a replayed early byte can end it at once
+        if not session.ended:
             self.current = session
             if self.on_up is not None:
                 self.on_up(session)
         return session
 
     def _ended(self, session: Session, why: str) -> None:
-        if self.current is session:
+        if self.current is session or self.current is None:
             self.current = None
             if self.on_down is not None:
                 self.on_down(session, why)
