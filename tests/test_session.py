@@ -291,7 +291,14 @@ def test_server_half_close_sends_fin_after_its_data_and_keeps_writing(logs: LogC
     assert rp.sent() == []
     assert session.live == set() and session.sockets == set()
     (end,) = logs.ends()
-    assert (end["conn_id"], end["host"], end["port"], end["how"], end["up"], end["down"]) == (3, HOST, PORT, "fin", 7, 4)
+    assert (end["conn_id"], end["host"], end["port"], end["how"], end["up"], end["down"]) == (
+        3,
+        HOST,
+        PORT,
+        "fin",
+        7,
+        4,
+    )
 
 
 def test_server_reset_sends_fin_0x99_after_its_data(logs: LogCapture) -> None:
@@ -408,7 +415,9 @@ def test_connect_failure_sends_fin_0x99_seq_0(logs: LogCapture) -> None:
     rp.refuse()
     assert rp.sent() == [Fin(3, 0, 0x99)]
     assert rp.pipes[0][1].value() == bytes.fromhex("03 00 00 00 00 00 fe ff 99")
-    assert session.conns == {} and session.live == set() and session.sockets == set() and session.inbound.queued_total == 0
+    assert (
+        session.conns == {} and session.live == set() and session.sockets == set() and session.inbound.queued_total == 0
+    )
     assert rp.mux.stats.connect_failures == 1
     (end,) = logs.ends()
     # Nothing reached a server: "up" counts bytes written, not bytes received.

@@ -116,15 +116,12 @@ class ReorderBuffer(Generic[T]):
         cost = size + HELD_OVERHEAD
         if self.held_bytes + cost > self.window_bytes:
             raise BeyondWindow(
-                f"holding seq {seq} would exceed the reorder window of"
-                f" {self.window_bytes} bytes for this connection"
+                f"holding seq {seq} would exceed the reorder window of {self.window_bytes} bytes for this connection"
             )
         budget = self._budget
         if budget is not None:
             if budget.held + cost > budget.limit:
-                raise BeyondWindow(
-                    f"holding seq {seq} would exceed the total reorder window of {budget.limit} bytes"
-                )
+                raise BeyondWindow(f"holding seq {seq} would exceed the total reorder window of {budget.limit} bytes")
             budget.held += cost
         self.held_bytes += cost
         self._held[seq] = (item, cost)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from tm3.core.addresses import pack_ipv4
 
@@ -65,7 +65,7 @@ class Fin(NamedTuple):
     reason: int
 
 
-Message = Union[Syn, Data, Fin]
+Message = Syn | Data | Fin
 
 
 class ProtocolError(Exception):

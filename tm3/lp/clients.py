@@ -75,7 +75,9 @@ class ClientConnection(StreamProtocol):
         try:
             dest = self.destination(self)
         except OSError as e:
-            self.log.warn("{peer}: cannot tell where this connection was going ({why}); resetting it", peer=self.peer(), why=e)
+            self.log.warn(
+                "{peer}: cannot tell where this connection was going ({why}); resetting it", peer=self.peer(), why=e
+            )
             self.abort()
             return
         if dest is not None:

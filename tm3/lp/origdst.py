@@ -58,9 +58,7 @@ def parse_sockaddr_in(raw: bytes) -> tuple[str, int]:
     :raises ValueError: if ``raw`` is too short or not ``AF_INET``.
     """
     if len(raw) < 8:
-        raise ValueError(
-            f"sockaddr_in needs at least 8 bytes, got {len(raw)}"
-        )
+        raise ValueError(f"sockaddr_in needs at least 8 bytes, got {len(raw)}")
     (family,) = _SOCKADDR_IN.unpack_from(raw, 0)
     if family != socket.AF_INET:
         raise ValueError(f"not an AF_INET sockaddr (family {family})")
@@ -80,8 +78,7 @@ def _query(sock: socket.socket) -> tuple[str, int]:
         if e.errno in _NOT_REDIRECTED_ERRNOS:
             raise NotRedirectedError(
                 e.errno,
-                "connection was not redirected (no NAT record: "
-                f"{e.strerror}); is tm3-redirect on?",
+                f"connection was not redirected (no NAT record: {e.strerror}); is tm3-redirect on?",
             ) from e
         raise
     original = parse_sockaddr_in(raw)
@@ -133,7 +130,5 @@ def original_destination_of(transport: object) -> tuple[str, int]:
         )
     handle: object = transport.getHandle()
     if not isinstance(handle, socket.socket):
-        raise TypeError(
-            f"transport handle is {type(handle).__name__}, not a socket"
-        )
+        raise TypeError(f"transport handle is {type(handle).__name__}, not a socket")
     return original_destination(handle)

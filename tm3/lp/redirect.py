@@ -106,12 +106,8 @@ def parse_ipv4(text: str) -> ipaddress.IPv4Address:
     try:
         address = ipaddress.IPv4Address(text)
     except ValueError:
-        raise UsageError(
-            f"RP_IP {text!r} is not an IPv4 address (dotted quad, e.g. 192.0.2.7)"
-        ) from None
-    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address(
-        "255.255.255.255"
-    ):
+        raise UsageError(f"RP_IP {text!r} is not an IPv4 address (dotted quad, e.g. 192.0.2.7)") from None
+    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
         raise UsageError(f"RP_IP {text} is not a unicast address")
     return address
 
@@ -136,18 +132,13 @@ def interface_exists(name: str) -> bool:
     return True
 
 
-def validate_interface(
-    name: str, exists: Callable[[str], bool] = interface_exists
-) -> str:
+def validate_interface(name: str, exists: Callable[[str], bool] = interface_exists) -> str:
     """Check that ``name`` is a plausible interface name and that it exists."""
-    if not name or len(name) >= _IFNAMSIZ or "/" in name or any(
-        c.isspace() for c in name
-    ):
+    if not name or len(name) >= _IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
         raise UsageError(f"IFACE {name!r} is not a valid interface name")
     if not exists(name):
         raise UsageError(
-            f"IFACE {name!r} does not exist (see `ip link`); it names the "
-            "interface forwarded client traffic arrives on"
+            f"IFACE {name!r} does not exist (see `ip link`); it names the interface forwarded client traffic arrives on"
         )
     return name
 
@@ -173,10 +164,7 @@ def make_config(
     if target in unique:
         # Traffic already headed for the proxy's port is exempt (see
         # build_install_rules), so this PORT would silently do nothing.
-        raise UsageError(
-            f"PORT {target} is the proxy's own port (--to-port); it cannot "
-            "also be redirected"
-        )
+        raise UsageError(f"PORT {target} is the proxy's own port (--to-port); it cannot also be redirected")
     return RedirectConfig(
         rp_ip=parse_ipv4(rp_ip),
         iface=validate_interface(iface, exists),
@@ -203,8 +191,7 @@ def _chain_rules(chain: str, config: RedirectConfig) -> list[list[str]]:
         [*add, "-p", "tcp", "--dport", str(config.to_port), "-j", "RETURN"],
     ]
     rules.extend(
-        [*add, "-p", "tcp", "--dport", str(port),
-         "-j", "REDIRECT", "--to-ports", str(config.to_port)]
+        [*add, "-p", "tcp", "--dport", str(port), "-j", "REDIRECT", "--to-ports", str(config.to_port)]
         for port in config.ports
     )
     return rules
@@ -221,8 +208,7 @@ def build_install_rules(config: RedirectConfig) -> list[list[str]]:
         *_chain_rules(OUTPUT_CHAIN, config),
         *_chain_rules(PREROUTING_CHAIN, config),
         ["-t", TABLE, "-I", "OUTPUT", "1", "-p", "tcp", "-j", OUTPUT_CHAIN],
-        ["-t", TABLE, "-I", "PREROUTING", "1", "-i", config.iface,
-         "-p", "tcp", "-j", PREROUTING_CHAIN],
+        ["-t", TABLE, "-I", "PREROUTING", "1", "-i", config.iface, "-p", "tcp", "-j", PREROUTING_CHAIN],
     ]
 
 
@@ -313,10 +299,7 @@ class Iptables:
         """Locate ``iptables`` on PATH, or raise :class:`UsageError`."""
         found = shutil.which("iptables")
         if found is None:
-            raise UsageError(
-                "iptables not found on PATH (install it, e.g. "
-                "`apt-get install iptables`)"
-            )
+            raise UsageError("iptables not found on PATH (install it, e.g. `apt-get install iptables`)")
         return cls(found)
 
     def run(self, args: Sequence[str]) -> str:
@@ -423,18 +406,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"local proxy's transparent listener port (default {DEFAULT_TO_PORT})",
     )
     commands.add_parser("off", help="remove the redirect rules (idempotent)")
-    commands.add_parser(
-        "status", help=f"print the installed rules (exit {EXIT_NOT_INSTALLED} if none)"
-    )
+    commands.add_parser("status", help=f"print the installed rules (exit {EXIT_NOT_INSTALLED} if none)")
     return parser
 
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        raise UsageError(
-            "must be run as root: changing iptables needs CAP_NET_ADMIN "
-            "(try sudo)"
-        )
+        raise UsageError("must be run as root: changing iptables needs CAP_NET_ADMIN (try sudo)")
 
 
 def _on(iptables: Iptables, config: RedirectConfig) -> int:

@@ -41,7 +41,13 @@ class LocalProxy(MultiService):
     log = Logger()
 
     def __init__(
-        self, reactor: IProxyReactor, host: str, port: int, pipes: int, settings: Settings, connect_timeout: float = 10.0
+        self,
+        reactor: IProxyReactor,
+        host: str,
+        port: int,
+        pipes: int,
+        settings: Settings,
+        connect_timeout: float = 10.0,
     ) -> None:
         super().__init__()
         self.setName("tm3lp")
@@ -123,7 +129,9 @@ class LocalProxy(MultiService):
         hint = ""
         if lasted < 1.0 and not carried:
             hint = f" (it lasted {lasted:.2f} s: does the RP expect --pipes {self.dialer.n}?)"
-        self.log.warn("pipes to the RP lost ({why}){hint}; reconnecting in {delay:.1f} s", why=why, hint=hint, delay=delay)
+        self.log.warn(
+            "pipes to the RP lost ({why}){hint}; reconnecting in {delay:.1f} s", why=why, hint=hint, delay=delay
+        )
         self.dialer.start(delay=delay)
 
     def when_session(self) -> Deferred[Session]:

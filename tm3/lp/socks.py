@@ -29,7 +29,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from typing import Final, Union
+from typing import Final
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -175,7 +175,7 @@ class HandshakeFailed:
     reason: str
 
 
-Event = Union[SendBytes, ConnectRequest, HandshakeFailed]
+Event = SendBytes | ConnectRequest | HandshakeFailed
 
 
 class HandshakeFinishedError(RuntimeError):
@@ -220,11 +220,7 @@ def reply(rep_code: int, bind_ip: str = "0.0.0.0", bind_port: int = 0) -> bytes:
         raise ValueError(f"port out of range: {bind_port!r}")
     address = ipaddress.ip_address(bind_ip)
     atyp = ATYP_IPV4 if address.version == 4 else ATYP_IPV6
-    return (
-        _REPLY_HEADER.pack(SOCKS_VERSION, rep_code, 0, atyp)
-        + address.packed
-        + _PORT.pack(bind_port)
-    )
+    return _REPLY_HEADER.pack(SOCKS_VERSION, rep_code, 0, atyp) + address.packed + _PORT.pack(bind_port)
 
 
 def _version_error(what: str, version: int) -> str:
@@ -314,8 +310,7 @@ class Socks5Handshake:
         """
         if self.finished:
             raise HandshakeFinishedError(
-                f"SOCKS5 handshake already ended ({self._stage.name}); "
-                f"{len(data)} bytes fed after it"
+                f"SOCKS5 handshake already ended ({self._stage.name}); {len(data)} bytes fed after it"
             )
         self._buffer += data
         events: list[Event] = []
@@ -368,8 +363,7 @@ class Socks5Handshake:
             return self._fail(
                 events,
                 no_acceptable,
-                f"no acceptable method: client offers {offered}, "
-                "only 0x00 (no authentication) is served",
+                f"no acceptable method: client offers {offered}, only 0x00 (no authentication) is served",
             )
         events.append(SendBytes(bytes((SOCKS_VERSION, METHOD_NO_AUTH))))
         self._stage = _Stage.REQUEST
@@ -556,9 +550,7 @@ class Socks5Protocol(Protocol):
             self.relay_eof()
             self._close_if_shut_down()
         elif self._phase is _Phase.HANDSHAKE:
-            self.log.info(
-                "SOCKS client {peer} closed during the handshake", peer=self._peer()
-            )
+            self.log.info("SOCKS client {peer} closed during the handshake", peer=self._peer())
             self._phase = _Phase.CLOSED
             self._transport.loseConnection()
         elif self._phase is _Phase.CONNECTING:
@@ -642,9 +634,7 @@ class Socks5Protocol(Protocol):
         if leftover:
             self._early.append(leftover)
         self._destination = (
-            f"[{request.host}]:{request.port}"
-            if request.atyp == ATYP_IPV6
-            else f"{request.host}:{request.port}"
+            f"[{request.host}]:{request.port}" if request.atyp == ATYP_IPV6 else f"{request.host}:{request.port}"
         )
         self.log.debug(
             "SOCKS client {peer} asks for {destination}",
@@ -652,9 +642,7 @@ class Socks5Protocol(Protocol):
             destination=self._destination,
         )
         self._pause_reading()
-        pending = maybeDeferred(
-            self.socks_connect, request.host, request.port, request.atyp
-        )
+        pending = maybeDeferred(self.socks_connect, request.host, request.port, request.atyp)
         # Set before adding callbacks: the Deferred may have fired already.
         self._pending_connect = pending
         pending.addCallbacks(self._connect_succeeded, self._connect_failed)
@@ -684,8 +672,7 @@ class Socks5Protocol(Protocol):
         rep_code, message, expected = _failure_reply(failure)
         if expected:
             self.log.info(
-                "SOCKS connect from {peer} to {destination} failed: {message}"
-                " (reply {rep_code:#04x})",
+                "SOCKS connect from {peer} to {destination} failed: {message} (reply {rep_code:#04x})",
                 peer=self._peer(),
                 destination=self._destination,
                 message=message,
@@ -706,9 +693,7 @@ class Socks5Protocol(Protocol):
             return
         # socks_established (or a later relay hook it ran) raised: the
         # connection's state is unknown, so it goes, without flushing.
-        self.log.failure(
-            "SOCKS relay setup for {peer} crashed", failure, peer=self._peer()
-        )
+        self.log.failure("SOCKS relay setup for {peer} crashed", failure, peer=self._peer())
         self._phase = _Phase.CLOSED
         transport = self.transport
         if transport is not None:

@@ -117,13 +117,19 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> LocalP
     host, port = config["remote"]
     proxy = LocalProxy(reactor, host, port, config["pipes"], config.settings(), config["connect-timeout"])
     if config["socks"]:
-        proxy.add_listener(endpoints.serverFromString(reactor, with_backlog(config["socks"])), socks_factory(proxy), "SOCKS5")
+        proxy.add_listener(
+            endpoints.serverFromString(reactor, with_backlog(config["socks"])), socks_factory(proxy), "SOCKS5"
+        )
     if config["transparent"]:
         proxy.add_listener(
-            endpoints.serverFromString(reactor, with_backlog(config["transparent"])), transparent_factory(proxy), "transparent"
+            endpoints.serverFromString(reactor, with_backlog(config["transparent"])),
+            transparent_factory(proxy),
+            "transparent",
         )
     for listen, fhost, fport in config["forward"]:
         proxy.add_listener(
-            endpoints.serverFromString(reactor, with_backlog(listen)), forward_factory(proxy, fhost, fport), f"forward to {fhost}:{fport}"
+            endpoints.serverFromString(reactor, with_backlog(listen)),
+            forward_factory(proxy, fhost, fport),
+            f"forward to {fhost}:{fport}",
         )
     return proxy

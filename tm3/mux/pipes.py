@@ -293,7 +293,9 @@ class PipeSet:
     def _check_peers(self) -> None:
         for pipe in self.pipes:
             if pipe.peer_gone() and pipe.owner is not None:
-                pipe.owner.pipe_lost(pipe, Failure(ConnectionLost("the peer closed the pipe while it was not being read")))
+                pipe.owner.pipe_lost(
+                    pipe, Failure(ConnectionLost("the peer closed the pipe while it was not being read"))
+                )
                 return
 
     def close(self) -> None:

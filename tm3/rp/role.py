@@ -206,7 +206,9 @@ class RemoteRole:
 
     def connect(self, conn: Connection) -> None:
         factory = ServerConnectionFactory(self.session, self, conn)
-        self.connectors[conn] = self.reactor.connectTCP(conn.host, conn.port, factory, timeout=self.settings.connect_timeout)
+        self.connectors[conn] = self.reactor.connectTCP(
+            conn.host, conn.port, factory, timeout=self.settings.connect_timeout
+        )
 
     def connect_failed(self, conn: Connection, reason: Failure) -> None:
         self.connectors.pop(conn, None)
@@ -296,4 +298,3 @@ class RemoteRole:
         self.parked.clear()
         self.reuse_timers.clear()
         self.connectors.clear()
-

@@ -106,7 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         srv = start([sys.executable, "-m", "tm3.tools.testserver", str(srv_port), "--interface", "127.0.0.1"], srv_log)
         wait_for_port(srv_port, srv, srv_log)
         print(f"  test server  127.0.0.1:{srv_port}")
-        rp = start(twistd(rp_log, "tm3rp", "--pipes", str(args.pipes), "--listen", f"tcp:{rp_port}:interface=127.0.0.1"), rp_log)
+        rp = start(
+            twistd(rp_log, "tm3rp", "--pipes", str(args.pipes), "--listen", f"tcp:{rp_port}:interface=127.0.0.1"),
+            rp_log,
+        )
         wait_for_line("listening on", rp, rp_log)
         print(f"  RP           127.0.0.1:{rp_port}  (twistd tm3rp --pipes {args.pipes})")
         lp = start(

@@ -130,9 +130,7 @@ class PatternWriter:
                 self.on_idle()
 
 
-def react_exit_code(
-    main: Callable[..., Coroutine[Any, Any, None]], *args: object
-) -> int:
+def react_exit_code(main: Callable[..., Coroutine[Any, Any, None]], *args: object) -> int:
     """Run ``main(reactor, *args)`` under :func:`~twisted.internet.task.react`.
 
     ``react`` ends with ``sys.exit``; our ``main`` functions return the code

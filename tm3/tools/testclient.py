@@ -148,8 +148,7 @@ class ClientResult:
             ms = sorted(x * 1e3 for x in self.latencies)
             p99 = ms[max(0, math.ceil(0.99 * len(ms)) - 1)]
             lines.append(
-                f"latency ms: min {ms[0]:.3f}  median {statistics.median(ms):.3f}"
-                f"  p99 {p99:.3f}  max {ms[-1]:.3f}"
+                f"latency ms: min {ms[0]:.3f}  median {statistics.median(ms):.3f}  p99 {p99:.3f}  max {ms[-1]:.3f}"
             )
         if self.ok:
             lines.append(f"OK: all {self.count} responses verified")
@@ -207,8 +206,7 @@ class _Run:
         self.fail(
             ClientError(
                 "timeout",
-                f"timed out after {self.timeout:g} s with {self.completed} of"
-                f" {self.count} requests completed{detail}",
+                f"timed out after {self.timeout:g} s with {self.completed} of {self.count} requests completed{detail}",
             )
         )
 
@@ -235,8 +233,7 @@ class TestClientProtocol(Protocol):
         if c is None:
             return ""
         return (
-            f"connection {self._connection} waiting for response {c.index}"
-            f" ({c.received} of {c.length} bytes received)"
+            f"connection {self._connection} waiting for response {c.index} ({c.received} of {c.length} bytes received)"
         )
 
     def connectionMade(self) -> None:
@@ -318,8 +315,7 @@ class TestClientProtocol(Protocol):
                 run.fail(
                     ClientError(
                         "mismatch",
-                        f"{mismatch.describe()} of response {c.index}"
-                        f" (connection {self._connection})",
+                        f"{mismatch.describe()} of response {c.index} (connection {self._connection})",
                         response_index=c.index,
                         offset=mismatch.position,
                     )
@@ -371,8 +367,7 @@ class TestClientProtocol(Protocol):
                     run.fail(
                         ClientError(
                             "closed",
-                            f"short response: server closed connection {self._connection}"
-                            f" {where}",
+                            f"short response: server closed connection {self._connection} {where}",
                             response_index=None if c is None else c.index,
                         )
                     )
@@ -380,17 +375,14 @@ class TestClientProtocol(Protocol):
                     run.fail(
                         ClientError(
                             "reset",
-                            f"connection {self._connection} reset or lost {where}:"
-                            f" {reason.getErrorMessage()}",
+                            f"connection {self._connection} reset or lost {where}: {reason.getErrorMessage()}",
                             response_index=None if c is None else c.index,
                         )
                     )
         self.finished.callback(None)
 
 
-def _endpoint(
-    reactor: IReactorTCP, host: str, port: int, timeout: float
-) -> IStreamClientEndpoint:
+def _endpoint(reactor: IReactorTCP, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
     # Literal addresses skip HostnameEndpoint's resolver, which would run
     # getaddrinfo in the reactor's thread pool for nothing.
     if isIPAddress(host):
@@ -427,7 +419,7 @@ async def _run_connection(run: _Run, connection: int, indices: range) -> None:
     run.connecting.add(d)
     try:
         await d
-    except Exception as e:  # noqa: BLE001  # every connect failure is a verdict, not a crash
+    except Exception as e:  # every connect failure is a verdict, not a crash
         # After a failure or the deadline, fail() cancelled this attempt
         # (CancelledError or ConnectingCancelledError): nothing new to report.
         if run.error is None:
@@ -438,9 +430,7 @@ async def _run_connection(run: _Run, connection: int, indices: range) -> None:
     await protocol.finished
 
 
-def _validate(
-    port: int, count: int, req_size: int, resp_size: int, parallel: int, timeout: float
-) -> None:
+def _validate(port: int, count: int, req_size: int, resp_size: int, parallel: int, timeout: float) -> None:
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be in 1..65535, got {port}")
     if not 1 <= count <= MAX_U32 + 1:
@@ -482,10 +472,7 @@ async def _run_client(run: _Run, parallel: int) -> ClientResult:
         # Wait for every connection even if one of them crashed, so that none
         # is left open; then let a crash (a bug, never a verdict) propagate.
         outcomes = await DeferredList(
-            [
-                Deferred.fromCoroutine(_run_connection(run, c, indices))
-                for c, indices in enumerate(shares)
-            ],
+            [Deferred.fromCoroutine(_run_connection(run, c, indices)) for c, indices in enumerate(shares)],
             consumeErrors=True,
         )
         for _, outcome in outcomes:
@@ -517,9 +504,7 @@ def _int_in(name: str, low: int, high: int | None) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be an integer {accepted}, got {text!r}"
-            )
+            raise argparse.ArgumentTypeError(f"must be an integer {accepted}, got {text!r}") from None
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {accepted}, got {value}")
         return value
@@ -531,7 +516,7 @@ def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
     return value

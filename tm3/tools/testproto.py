@@ -124,9 +124,7 @@ def encode_header(index: int, request_length: int, response_length: int) -> byte
     return RequestHeader(index, request_length, response_length).encode()
 
 
-def decode_header(
-    data: bytes | bytearray | memoryview, offset: int = 0
-) -> RequestHeader:
+def decode_header(data: bytes | bytearray | memoryview, offset: int = 0) -> RequestHeader:
     """Parse the header at ``data[offset:offset + HEADER_SIZE]``.
 
     Raises :class:`HeaderError` when the magic is wrong and ``ValueError``
@@ -192,10 +190,7 @@ class Mismatch:
     actual: int
 
     def describe(self) -> str:
-        return (
-            f"byte mismatch at offset {self.position}"
-            f" (expected 0x{self.expected:02x}, got 0x{self.actual:02x})"
-        )
+        return f"byte mismatch at offset {self.position} (expected 0x{self.expected:02x}, got 0x{self.actual:02x})"
 
 
 def find_mismatch(

@@ -144,9 +144,7 @@ class TestServerProtocol(Protocol):
                     return
                 self._header.clear()
                 self._request = request
-                self._checker = PatternChecker(
-                    request.index, Stream.REQUEST, request.request_length
-                )
+                self._checker = PatternChecker(request.index, Stream.REQUEST, request.request_length)
             take = min(self._checker.remaining, end - pos)
             if take:
                 mismatch = self._checker.feed(view[pos : pos + take])
@@ -197,15 +195,11 @@ class TestServerProtocol(Protocol):
         self._eof = True
         assert self.transport is not None
         if self._checker is not None or self._header:
-            received = (
-                len(self._header) if self._checker is None else self._checker.received
-            )
-            self.log.warn(  # noqa: G010  # twisted.logger has no .warning
+            received = len(self._header) if self._checker is None else self._checker.received
+            self.log.warn(  # twisted.logger has no .warning
                 "{peer}: client closed mid-request ({what}, {received} bytes of it received)",
                 peer=self.peer,
-                what="header"
-                if self._checker is None
-                else f"request {self._checker.index}",
+                what="header" if self._checker is None else f"request {self._checker.index}",
                 received=received,
             )
             self.writer.cancel()
@@ -222,16 +216,13 @@ class TestServerProtocol(Protocol):
         self.factory.active.discard(self)
         self.factory.bytes_out += self.bytes_out
         self.log.info(
-            "{peer}: {requests} requests, {bytes_in} bytes in, {bytes_out} bytes out,"
-            " {mismatches} corrupt; {how}",
+            "{peer}: {requests} requests, {bytes_in} bytes in, {bytes_out} bytes out, {mismatches} corrupt; {how}",
             peer=self.peer,
             requests=self.requests,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             mismatches=self.mismatches,
-            how="closed"
-            if isinstance(reason.value, ConnectionDone)
-            else reason.getErrorMessage(),
+            how="closed" if isinstance(reason.value, ConnectionDone) else reason.getErrorMessage(),
         )
 
 
@@ -283,9 +274,7 @@ def _port_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer in 0..65535, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..65535, got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
     return value
@@ -311,10 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--interface",
         metavar="ADDR",
         default="",
-        help=(
-            "local address to bind, e.g. 127.0.0.1 or :: for all IPv6 addresses"
-            " (default: all IPv4 addresses)"
-        ),
+        help=("local address to bind, e.g. 127.0.0.1 or :: for all IPv6 addresses (default: all IPv4 addresses)"),
     )
     return parser
 
@@ -328,7 +314,7 @@ async def _serve(reactor: IReactorCore, args: argparse.Namespace) -> None:
         )
     except CannotListenError as e:
         log.error("cannot listen on port {port}: {error}", port=args.port, error=str(e))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     log.info("listening on {address}", address=describe_address(port.getHost()))
     # Serve until the reactor is stopped by a signal; react then exits 0.
     await Deferred()
@@ -336,9 +322,7 @@ async def _serve(reactor: IReactorCore, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(sys.stdout)], redirectStandardIO=False
-    )
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     return react_exit_code(_serve, args)
 
 
