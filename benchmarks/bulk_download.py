@@ -3,7 +3,7 @@
 Starts the real RP (``twistd -n tm3rp``) in a subprocess with 4 pipes (and
 then 1 pipe, for comparison), a source and a sink server (blocking sockets in
 threads, so the servers cost next to nothing), and drives them with the test
-LP of ``tests/lpclient.py``: a download of ``--size`` MiB, hashed as it
+LP of ``tests/support/lpclient.py``: a download of ``--size`` MiB, hashed as it
 arrives and checked against the source's sha256, then an upload of the same
 size checked by the sink's digest. Prints MiB/s and MB/s for each, and the CPU time the RP process used (about
 equal to the wall time means the RP is the bottleneck).
@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from lpclient import LPClient, with_timeout
-from servers import Event, Pattern
 from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
+
+from tests.support.lpclient import LPClient, with_timeout
+from tests.support.servers import Event, Pattern
+
+REPO = Path(__file__).resolve().parent.parent
 
 MiB = 1024 * 1024
 TWISTD = str(Path(sys.executable).parent / "twistd")

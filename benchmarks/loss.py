@@ -1,6 +1,6 @@
 """TM3 under packet loss: not a test, a measurement that prints a table.
 
-Builds the client / rp / server namespaces of ``tests/netns.py`` and makes the
+Builds the client / rp / server namespaces of ``tests/support/netns.py`` and makes the
 client<->rp link lossy: iptables ``statistic --mode random`` DROP rules in the
 client namespace on eth0, both OUTPUT (client -> rp) and INPUT (rp -> client),
 so each direction loses about P of its packets. Optionally both ends of that
@@ -33,10 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from netns import Host, TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason  # noqa: E402
+from tests.support.netns import Host, TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SERVER_PORT = 5001

@@ -9,7 +9,7 @@ listens, since only then is its port known. Clients are Twisted protocols in
 the same reactor (:class:`Client`, which also speaks the client side of
 SOCKS5), the experiment tools (``run_client`` against ``listen_testserver``),
 or ``curl`` as an unmodified SOCKS5 client. The servers are those of
-:mod:`servers`, a hashing echo (:class:`HashingEcho`) and a small
+:mod:`tests.support.servers`, a hashing echo (:class:`HashingEcho`) and a small
 ``twisted.web`` site.
 
 The ``env`` fixture owns everything a test starts and, at teardown, stops it
@@ -44,16 +44,16 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
-import servers
-
 with warnings.catch_warnings():  # twisted.web.static warns about itself on import
     warnings.simplefilter("ignore", DeprecationWarning)
     from twisted.web.static import File
-from servers import EchoProtocol, Event, Pattern, RP, was_reset
 from tm3.lp import tap as lp_tap
 from tm3.rp import tap as rp_tap
 from tm3.tools.testclient import run_client
 from tm3.tools import testserver
+from tests.support import servers
+from tests.support.servers import RP, EchoProtocol, Event, Pattern, was_reset
+
 HOST = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * 1024

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
-from netns import TM3Topology
+
+from tests.support.netns import TM3Topology
 
 pytestmark = pytest.mark.netns
 

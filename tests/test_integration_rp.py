@@ -2,7 +2,8 @@
 
 The RP runs in-process (``makeService(config, reactor)`` listening on
 ``tcp:0:interface=127.0.0.1``), driven by the independent test LP of
-:mod:`lpclient` against the real servers of :mod:`servers`; three tests run
+:mod:`tests.support.lpclient` against the real servers of
+:mod:`tests.support.servers`; three tests run
 the real ``twistd``. The ``env`` fixture owns everything a test starts and, at
 teardown, stops it all and checks that nothing leaked: no socket left in the
 reactor, no delayed call left pending, no failure logged, no protocol
@@ -23,9 +24,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-import servers
-from lpclient import LPClient, RxConn, with_timeout
-from servers import Event, Pattern, RP, twisted_buffered, was_reset
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -33,6 +31,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from tm3.core import wire
 from tm3.rp.tap import Options, makeService
+from tests.support import servers
+from tests.support.lpclient import LPClient, RxConn, with_timeout
+from tests.support.servers import RP, Event, Pattern, twisted_buffered, was_reset
 
 HOST = "127.0.0.1"
 KiB = 1024

@@ -3,7 +3,7 @@
 The first half needs nothing special: rule building, argument validation and
 the command flow against a fake iptables. The second half (``netns`` marker)
 runs the real command inside throwaway network namespaces from
-:mod:`netns`; it never touches the root namespace's iptables.
+:mod:`tests.support.netns`; it never touches the root namespace's iptables.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from twisted.internet import threads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from netns import TM3Topology, Topology, python_env, tm3_topology, topology  # noqa: F401
 from tm3.lp import origdst, redirect
 from tm3.lp.redirect import (
     EXIT_FAILED,
@@ -44,6 +43,7 @@ from tm3.lp.redirect import (
     installed_rules,
     make_config,
 )
+from tests.support.netns import TM3Topology, Topology, python_env
 
 RP = "10.77.1.1"
 

@@ -1,17 +1,17 @@
 """Throwaway network-namespace topologies for tests that need real networking.
 
 This module owns building, using and tearing down small networks of Linux
-network namespaces ("hosts") joined by veth pairs ("links"), and the pytest
-fixtures that hand them to tests:
-
-* ``topology``: an empty :class:`Topology`, torn down after the test;
-* ``tm3_topology``: the transparent-mode layout as a :class:`TM3Topology`::
+network namespaces ("hosts") joined by veth pairs ("links"): an empty
+:class:`Topology`, and the transparent-mode layout as a :class:`TM3Topology`
+(:func:`build_tm3_topology`)::
 
       client 10.77.1.2 --eth0--- eth0 10.77.1.1  rp  10.77.2.1 eth1 ---eth0-- 10.77.2.2 server
       (client, LP, tm3-redirect)   (RP; ip_forward=1, routes between)          (real server)
 
-Both skip (never fail) when namespaces cannot be made here: not root, no
-``ip``, no ``iptables``, or the kernel refuses a namespace or a veth pair.
+:func:`netns_unavailable_reason` says why namespaces cannot be made here (not
+root, no ``ip``, no ``iptables``, or the kernel refuses a namespace or a veth
+pair); the pytest fixtures ``topology`` and ``tm3_topology`` in
+``tests/conftest.py`` skip (never fail) then.
 
 Nothing here touches the root namespace's interfaces, routes or iptables:
 veth ends are created directly inside their namespaces and every command runs
@@ -19,15 +19,15 @@ under ``ip netns exec``. The namespaces are not connected to anything else, so
 test traffic cannot leave them. Names carry the pid (``tm3t-<pid>-<n>-<host>``)
 so concurrent test runs do not collide.
 
-Use from another test module (fixtures are found by name once imported)::
-
-    from netns import TM3Topology, tm3_topology  # noqa: F401  (pytest fixture)
+Tests take the fixtures by name::
 
     @pytest.mark.netns
     def test_something(tm3_topology: TM3Topology) -> None:
         t = tm3_topology
         t.server.popen(t.server.python_argv("-m", "tm3.tools.testserver", ...))
         ...
+
+and a benchmark builds a topology itself (``benchmarks/loss.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from attrs import define, field, frozen
 
 __all__ = [
@@ -62,15 +61,13 @@ __all__ = [
     "build_tm3_topology",
     "netns_unavailable_reason",
     "python_env",
-    "tm3_topology",
-    "topology",
 ]
 
 T = TypeVar("T")
 
 #: The checkout under test, put on PYTHONPATH of every command run in a host
 #: so ``python -m tm3.<module>`` works without installing the package.
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _NETNS_RUN_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -587,22 +584,3 @@ def build_tm3_topology(topo: Topology) -> TM3Topology:
         rp_server_side_ip=to_server.address_of(rp),
         server_ip=to_server.address_of(server),
     )
-
-
-@pytest.fixture
-def topology() -> Iterator[Topology]:
-    """An empty :class:`Topology`, deleted after the test (skips if impossible)."""
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    topo = Topology()
-    try:
-        yield topo
-    finally:
-        topo.close()
-
-
-@pytest.fixture
-def tm3_topology(topology: Topology) -> TM3Topology:
-    """client / rp / server hosts wired for transparent mode (skips if impossible)."""
-    return build_tm3_topology(topology)

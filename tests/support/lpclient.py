@@ -29,7 +29,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from servers import Event
+from tests.support.servers import Event
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
