@@ -31,8 +31,9 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
 
-from tests.support.lpclient import LPClient, with_timeout
-from tests.support.servers import Event, Pattern
+from tests.support.lpclient import LPClient
+from tests.support.servers import Pattern
+from tests.support.waiting import Event, with_timeout
 
 REPO = Path(__file__).resolve().parent.parent
 

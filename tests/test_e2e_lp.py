@@ -26,7 +26,7 @@ import socket
 import struct
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -52,7 +51,8 @@ from tm3.rp import tap as rp_tap
 from tm3.tools.testclient import run_client
 from tm3.tools import testserver
 from tests.support import servers
-from tests.support.servers import RP, EchoProtocol, Event, Pattern, was_reset
+from tests.support.servers import RP, EchoProtocol, Pattern, was_reset
+from tests.support.waiting import Event, reactor, sleep, steady, until, within
 
 HOST = "127.0.0.1"
 KiB = 1024
@@ -65,39 +65,6 @@ MODES = pytest.mark.parametrize("mode", ["forward", "socks"])
 
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 0x01, 0x03, 0x04
 REP_SUCCEEDED, REP_HOST_UNREACHABLE, REP_ATYP_NOT_SUPPORTED = 0x00, 0x04, 0x08
-
-
-def reactor() -> Any:
-    from twisted.internet import reactor as r
-
-    return r
-
-
-def within(d: Any, seconds: float, what: str = "an event") -> defer.Deferred[Any]:
-    """``d`` (a Deferred or coroutine), failing with a message naming ``what``
-    after ``seconds``."""
-    if not isinstance(d, defer.Deferred):
-        d = defer.ensureDeferred(d)
-
-    def timed_out(f: Failure) -> Failure:
-        if f.check(defer.TimeoutError):
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        return f
-
-    return d.addTimeout(seconds, reactor()).addErrback(timed_out)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor(), seconds, lambda: None)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate`` (for state that has no event of its own) until true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await sleep(0.01)
 
 
 def sha(data: bytes) -> str:
@@ -639,7 +606,7 @@ async def test_client_that_stops_reading_holds_back_the_server(env: Env, pipes: 
     def sample() -> tuple[int, int]:
         return proto.written, lp.session.inbound.queued_total
 
-    written, queued = await stalled(sample)
+    written, queued = await steady(sample, quiet=0.5)
     print(f"\n[{pipes} pipe(s)] stalled with {written / MiB:.1f} MiB sent by the server, {queued / MiB:.2f} MiB queued in the LP")
     assert written < size // 4, f"the server was not held back: {written} of {size} bytes sent"
     assert queued <= 4 * MiB + pipes * 256 * KiB, f"the LP queued {queued} bytes for one connection"
@@ -667,7 +634,7 @@ async def test_server_that_stops_reading_holds_back_the_client(env: Env, pipes: 
     def sample() -> tuple[int, int]:
         return writer.written, rp.session.inbound.queued_total
 
-    written, queued = await stalled(sample)
+    written, queued = await steady(sample, quiet=0.5)
     print(f"\n[{pipes} pipe(s), {mode}] stalled with {written / MiB:.1f} MiB written by the client, {queued / MiB:.2f} MiB queued in the RP")
     assert written < size // 4, f"the client was not held back: {written} of {size} bytes taken"
     assert queued <= 4 * MiB + pipes * 256 * KiB, f"the RP queued {queued} bytes for one connection"
@@ -997,18 +964,6 @@ async def test_server_closes_at_once(env: Env, pipes: int, mode: str) -> None:
 
 
 # -- sessions: restart, backlog ---------------------------------------------------------
-
-
-async def stalled(sample: Callable[[], Any], quiet: float = 0.5, timeout: float = 20.0) -> Any:
-    """Wait until ``sample()`` stops changing for ``quiet`` seconds; its value then."""
-    deadline = time.monotonic() + timeout
-    last, since = sample(), time.monotonic()
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, f"no stall: {sample()}"
-        await sleep(0.05)
-        if sample() != last:
-            last, since = sample(), time.monotonic()
-    return last
 
 
 def retry_delays(env: Env) -> list[float]:

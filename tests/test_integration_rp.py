@@ -26,14 +26,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tm3.core import wire
 from tm3.rp.tap import Options, makeService
 from tests.support import servers
-from tests.support.lpclient import LPClient, RxConn, with_timeout
-from tests.support.servers import RP, Event, Pattern, twisted_buffered, was_reset
+from tests.support.lpclient import LPClient, RxConn
+from tests.support.servers import RP, Pattern, twisted_buffered, was_reset
+from tests.support.waiting import Event, reactor, steady, until, with_timeout
 
 HOST = "127.0.0.1"
 KiB = 1024
@@ -41,42 +41,6 @@ MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 FIN, RST = wire.REASON_FIN, wire.REASON_RST
-
-
-def reactor() -> Any:
-    from twisted.internet import reactor as r
-
-    return r
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate`` (for state that has no event of its own) until true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await deferLater(reactor(), 0.01, lambda: None)
-
-
-async def steady(sample: Callable[[], Any], quiet: float = 0.3, timeout: float = 20.0, what: str = "a stall") -> Any:
-    """Wait until ``sample()`` has not changed for ``quiet`` seconds: the way
-    to see that a transfer has stalled, which no event announces."""
-    deadline = time.monotonic() + timeout
-    last = sample()
-    since = time.monotonic()
-    unchanged = 0
-    while True:
-        await deferLater(reactor(), 0.02, lambda: None)
-        now = sample()
-        if now != last:
-            last, since, unchanged = now, time.monotonic(), 0
-        else:
-            # Both: a process starved of CPU must not pass for a stalled transfer.
-            unchanged += 1
-            if unchanged >= 10 and time.monotonic() - since >= quiet:
-                return now
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last {last!r})")
 
 
 def sockbuf(transport: Any, option: int) -> int:

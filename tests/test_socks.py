@@ -39,7 +39,6 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
@@ -71,6 +70,7 @@ from tm3.lp.socks import (
     SocksError,
     reply,
 )
+from tests.support.waiting import until
 
 reactor: Any = _reactor  # the global reactor, untyped as in Twisted itself
 
@@ -1068,14 +1068,6 @@ async def test_curl_hostname_not_allowed(rig: Rig) -> None:
     await rig.tracker.all_closed()
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    for _ in range(int(STEP_TIMEOUT / 0.01)):
-        if condition():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition never became true")
-
-
 def raw_session(proxy_port: int, *, one_byte_at_a_time: bool, payload: bytes,
                 request_bytes: bytes) -> tuple[bytes, bytes, bytes]:
     """A blocking SOCKS5 client (run in a thread): greeting, request and the
@@ -1168,7 +1160,7 @@ async def test_client_abort_while_connecting_cancels_the_connect(rig: Rig) -> No
         client: Deferred[Any] = deferToThread(
             raw_exchange, port_number(port), GREETING + CONNECT_IPV4
         )
-        await wait_for(lambda: bool(hung))
+        await until(lambda: bool(hung), STEP_TIMEOUT, "the connect to hang")
         proto = hung[0]
         assert tcp(proto.transport).getPeer().host == LOOPBACK
         tcp(proto.transport).loseConnection()
@@ -1209,7 +1201,7 @@ async def test_client_gone_during_connect_is_cleaned_up_when_it_settles(rig: Rig
 
         got = await deferToThread(client_gives_up).addTimeout(STEP_TIMEOUT, reactor)
         assert got == METHOD_NO_AUTH_SELECTED
-        await wait_for(lambda: bool(gated))
+        await until(lambda: bool(gated), STEP_TIMEOUT, "the connect to reach the gate")
         assert rig.tracker.open  # the proxy has not noticed yet
         gate.callback(None)
         await rig.tracker.all_closed()

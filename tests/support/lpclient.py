@@ -29,7 +29,6 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from tests.support.servers import Event
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
@@ -38,14 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tm3.core import wire
-def with_timeout(d: Any, seconds: float, reactor: Any = None) -> defer.Deferred[Any]:
-    """``d`` (a Deferred or coroutine), failing with ``defer.TimeoutError``
-    after ``seconds``."""
-    if reactor is None:
-        from twisted.internet import reactor
-    if not isinstance(d, defer.Deferred):
-        d = defer.ensureDeferred(d)
-    return d.addTimeout(seconds, reactor)
+from tests.support.waiting import Event
 
 
 class RxConn:

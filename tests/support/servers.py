@@ -40,31 +40,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-
-class Event:
-    """A one-shot event with any number of waiters (each gets its own Deferred,
-    so a waiter that times out and cancels cannot disturb the others)."""
-
-    def __init__(self) -> None:
-        self.fired = False
-        self.result: Any = None
-        self._waiters: list[defer.Deferred[Any]] = []
-
-    def fire(self, result: Any = None) -> None:
-        if self.fired:
-            return
-        self.fired = True
-        self.result = result
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(result)
-
-    def wait(self) -> defer.Deferred[Any]:
-        if self.fired:
-            return defer.succeed(self.result)
-        d: defer.Deferred[Any] = defer.Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
-        self._waiters.append(d)
-        return d
+from tests.support.waiting import Event
 
 
 class Pattern:
