@@ -32,7 +32,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import ProcessProtocol
 
 from tests.support.lpclient import LPClient
-from tests.support.servers import Pattern
+from tests.support.pattern import Pattern
 from tests.support.waiting import Event, with_timeout
 
 REPO = Path(__file__).resolve().parent.parent

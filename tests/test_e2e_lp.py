@@ -35,7 +35,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
@@ -51,7 +51,9 @@ from tm3.rp import tap as rp_tap
 from tm3.tools.testclient import run_client
 from tm3.tools import testserver
 from tests.support import servers
-from tests.support.servers import RP, EchoProtocol, Pattern, was_reset
+from tests.support.pattern import Pattern
+from tests.support.producers import PatternWriter
+from tests.support.servers import RP, EchoProtocol, was_reset
 from tests.support.waiting import Event, reactor, sleep, steady, until, within
 
 HOST = "127.0.0.1"
@@ -229,43 +231,6 @@ class HashingEcho(EchoProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.hash.update(data)
         super().dataReceived(data)
-
-
-@implementer(IPushProducer)
-class Upload:
-    """Writes ``size`` pattern bytes into a transport as fast as it takes
-    them (a streaming producer), then unregisters; ``done`` fires then."""
-
-    def __init__(self, transport: Any, size: int, seed: int) -> None:
-        self.transport = transport
-        self.size = size
-        self.pattern = Pattern(seed)
-        self.written = 0
-        self.paused = False
-        self.done = Event()
-        transport.registerProducer(self, True)
-        self._produce()
-
-    def _produce(self) -> None:
-        while not self.paused and self.written < self.size:
-            n = min(65536, self.size - self.written)
-            chunk = self.pattern.chunk(self.written, n)
-            self.written += n
-            self.transport.write(chunk)
-        if self.written >= self.size and not self.done.fired:
-            self.transport.unregisterProducer()
-            self.done.fire()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            self._produce()
-
-    def stopProducing(self) -> None:
-        self.paused = True
 
 
 class CloseAtOnce(servers.TrackedProtocol):
@@ -628,7 +593,7 @@ async def test_server_that_stops_reading_holds_back_the_client(env: Env, pipes: 
     srv = await env.server(servers.never_read(env.reactor))
     rp, lp = await env.system(pipes, [srv.port])
     client = await env.open(lp, mode, srv.port)
-    writer = Upload(client.transport, size, seed=6)
+    writer = PatternWriter(client.transport, size, seed=6)
     proto = await within(srv.connection(0), 5, "the server's connection")
 
     def sample() -> tuple[int, int]:
@@ -894,7 +859,7 @@ async def test_server_resets_while_the_client_uploads(env: Env, pipes: int) -> N
     srv = await env.server(servers.reset_after(env.reactor, k, seed=3))
     rp, lp = await env.system(pipes, [srv.port])
     client = await env.open(lp, "forward", srv.port)
-    Upload(client.transport, 64 * MiB, seed=7)
+    PatternWriter(client.transport, 64 * MiB, seed=7)
     reason = await within(client.lost.wait(), 20, "the reset")
     assert was_reset(reason), reason
     assert client.data == Pattern(3).bytes(k)

@@ -32,7 +32,8 @@ from tm3.core import wire
 from tm3.rp.tap import Options, makeService
 from tests.support import servers
 from tests.support.lpclient import LPClient, RxConn
-from tests.support.servers import RP, Pattern, twisted_buffered, was_reset
+from tests.support.pattern import Pattern
+from tests.support.servers import RP, twisted_buffered, was_reset
 from tests.support.waiting import Event, reactor, steady, until, with_timeout
 
 HOST = "127.0.0.1"

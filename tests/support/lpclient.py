@@ -30,13 +30,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from tm3.core import wire
+from tests.support.producers import Pausable
 from tests.support.waiting import Event
 
 
@@ -130,28 +129,16 @@ class RxConn:
         return self.hash.hexdigest() if self.streaming else hashlib.sha256(self.data).hexdigest()
 
 
-@implementer(IPushProducer)
-class _Gate:
+class _Gate(Pausable):
     """The producer registered on a pipe's transport: records whether the
     transport wants us to stop writing, and wakes writers when it resumes."""
 
     def __init__(self, pipe: LPPipe) -> None:
+        super().__init__()
         self.pipe = pipe
-        self.paused = False
-        self.pauses = 0
 
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self.pauses += 1
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            self.pipe.client._writable()
-
-    def stopProducing(self) -> None:
-        pass
+    def on_resume(self) -> None:
+        self.pipe.client._writable()
 
 
 class LPPipe(Protocol):

@@ -8,8 +8,9 @@ close or a reset).
 
 - :class:`EchoProtocol`: echoes, with backpressure; half-closeable: after the
   client's FIN it echoes what is left, then closes.
-- :class:`SourceProtocol`: sends ``size`` deterministic bytes (:class:`Pattern`)
-  as fast as its transport takes them, then closes in order.
+- :class:`SourceProtocol`: sends ``size`` deterministic bytes
+  (:class:`~tests.support.pattern.Pattern`) as fast as its transport takes
+  them, then closes in order.
 - :class:`SinkProtocol`: hashes everything it receives; after the client's FIN
   it reports ``"<count> <sha256 hex>\\n"`` (also as :meth:`report`), sends
   ``extra`` pattern bytes, and closes.
@@ -27,12 +28,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import random
 import socket
 import struct
 import termios
-from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -40,51 +39,9 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tests.support.pattern import Pattern
+from tests.support.producers import Pausable, PatternWriter
 from tests.support.waiting import Event
-
-
-class Pattern:
-    """A deterministic byte stream: a pseudo-random block of prime length
-    repeated, so that no two messages of a power-of-two size at different
-    offsets look alike (a reordering shows in the digest)."""
-
-    PERIOD = 1048573  # prime, just under 1 MiB
-
-    _blocks: ClassVar[dict[int, bytes]] = {}
-    _digests: ClassVar[dict[tuple[int, int], str]] = {}
-
-    def __init__(self, seed: int = 1) -> None:
-        self.seed = seed
-        block = self._blocks.get(seed)
-        if block is None:
-            block = random.Random(seed).randbytes(self.PERIOD)
-            self._blocks[seed] = block
-        self._doubled = memoryview(block + block)
-
-    def chunk(self, offset: int, size: int) -> bytes:
-        assert size <= self.PERIOD
-        start = offset % self.PERIOD
-        return bytes(self._doubled[start : start + size])
-
-    def chunks(self, total: int, size: int = 65536, offset: int = 0) -> Iterator[bytes]:
-        end = offset + total
-        while offset < end:
-            n = min(size, end - offset)
-            yield self.chunk(offset, n)
-            offset += n
-
-    def bytes(self, total: int, offset: int = 0) -> bytes:
-        return b"".join(self.chunks(total, self.PERIOD, offset))
-
-    def digest(self, total: int) -> str:
-        key = (self.seed, total)
-        found = self._digests.get(key)
-        if found is None:
-            h = hashlib.sha256()
-            for c in self.chunks(total, self.PERIOD):
-                h.update(c)
-            found = self._digests[key] = h.hexdigest()
-        return found
 
 
 def unsent_bytes(transport: Any) -> int:
@@ -132,22 +89,19 @@ class TrackedProtocol(Protocol):
         return was_reset(self.lost.result)
 
 
-@implementer(IPushProducer)
-class _ReadThrottle:
+class _ReadThrottle(Pausable):
     """Registered on a transport, it stops the protocol reading while the
     transport's write buffer is full (how a well-behaved echo server works)."""
 
     def __init__(self, transport: Any) -> None:
+        super().__init__()
         self.transport = transport
 
-    def pauseProducing(self) -> None:
+    def on_pause(self) -> None:
         self.transport.pauseProducing()
 
-    def resumeProducing(self) -> None:
+    def on_resume(self) -> None:
         self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @implementer(IHalfCloseableProtocol)
@@ -169,52 +123,33 @@ class EchoProtocol(TrackedProtocol):
         pass
 
 
-@implementer(IHalfCloseableProtocol, IPushProducer)
+@implementer(IHalfCloseableProtocol)
 class SourceProtocol(TrackedProtocol):
-    """Writes ``size`` pattern bytes as fast as the transport takes them."""
-
-    CHUNK = 65536
+    """Writes ``size`` pattern bytes as fast as the transport takes them
+    (a :class:`PatternWriter`), then closes in order."""
 
     def __init__(self, size: int, seed: int = 1, sndbuf: int | None = None) -> None:
         super().__init__()
         self.size = size
-        self.pattern = Pattern(seed)
+        self.seed = seed
         self.sndbuf = sndbuf
-        self.written = 0
-        self.paused = False
-        self.pauses = 0
-        self.done = Event()
+        self.writer: PatternWriter | None = None
 
     def connectionMade(self) -> None:
         if self.sndbuf is not None:
             self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         super().connectionMade()
-        self.transport.registerProducer(self, True)
-        self._produce()
+        self.writer = PatternWriter(self.transport, self.size, self.seed)
+        self.writer.done.wait().addCallback(lambda _: self.transport.loseConnection())
 
-    def _produce(self) -> None:
-        while not self.paused and self.written < self.size and self.transport is not None and self.connected:
-            n = min(self.CHUNK, self.size - self.written)
-            data = self.pattern.chunk(self.written, n)
-            self.written += n
-            self.transport.write(data)
-        if self.written >= self.size and not self.done.fired and self.connected:
-            self.done.fire()
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
+    @property
+    def written(self) -> int:
+        return 0 if self.writer is None else self.writer.written
 
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self.pauses += 1
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            self._produce()
-
-    def stopProducing(self) -> None:
-        self.paused = True
+    @property
+    def paused(self) -> bool:
+        """Whether the transport has paused the writer (its buffer is full)."""
+        return self.writer is not None and self.writer.paused
 
     def readConnectionLost(self) -> None:
         self.eof.fire()  # keep sending: the client only finished its side
