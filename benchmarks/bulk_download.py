@@ -20,26 +20,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.protocol import ProcessProtocol
 
 from tests.support.lpclient import LPClient
 from tests.support.pattern import Pattern
-from tests.support.waiting import Event, with_timeout
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.processes import LISTENING, TWISTD, Proc, cpu_seconds, spawn
+from tests.support.waiting import with_timeout
 
 MiB = 1024 * 1024
-TWISTD = str(Path(sys.executable).parent / "twistd")
-LISTENING = re.compile(rb"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)")
 
 
 class ThreadServer:
@@ -82,46 +76,20 @@ class ThreadServer:
                 conn.sendall(f"{n} {h.hexdigest()}\n".encode())
 
 
-class Daemon(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.port = Event()
-        self.ended = Event()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        m = LISTENING.search(self.output)
-        if m:
-            self.port.fire(int(m.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.fire(reason.value)
-
-
-async def start_rp(reactor: Any, pipes: int, payload: int, profile: str | None) -> Daemon:
+async def start_rp(pipes: int, payload: int, profile: str | None) -> tuple[Proc, int]:
+    """The RP as ``twistd``, and the port it listens on."""
     argv = [TWISTD, "-n", "--pidfile="]
     if profile:
         argv += ["--profiler", "cprofile", "--savestats", "--profile", profile]
     argv += ["tm3rp", "--pipes", str(pipes), "--listen", "tcp:0:interface=127.0.0.1", "--max-payload", str(payload)]
-    daemon = Daemon()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TM3_")}
-    reactor.spawnProcess(daemon, TWISTD, argv, env=env, path=str(REPO))
-    await with_timeout(daemon.port.wait(), 30)
-    return daemon
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    daemon = spawn(argv)
+    match = await with_timeout(daemon.when_output(LISTENING), 30)
+    return daemon, int(match.group(1))
 
 
 async def run(reactor: Any, pipes: int, size: int, payload: int, profile_dir: str | None) -> dict[str, float]:
     profile = str(Path(profile_dir) / f"rp-{pipes}.prof") if profile_dir else None
-    daemon = await start_rp(reactor, pipes, payload, profile)
-    rp_port = daemon.port.result
+    daemon, rp_port = await start_rp(pipes, payload, profile)
     lp = LPClient(reactor, rp_port, pipes, max_payload=payload, max_rx_payload=payload)
     await with_timeout(lp.connect(), 10)
     out: dict[str, float] = {}

@@ -51,6 +51,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tests.support.processes import cpu_seconds
+
 NOFILE = 65536
 HELLO = 32
 PING = 32
@@ -146,9 +148,7 @@ def proc_sample(pid: int) -> dict[str, float]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) / 1024
     out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    out["cpu"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    out["cpu"] = cpu_seconds(pid)
     return out
 
 

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from tests.support.netns import Host, TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason
+from tests.support.processes import TWISTD
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 SERVER_PORT = 5001
 LP_PORT = 7000
 RP_PORT = 6000

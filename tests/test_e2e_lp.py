@@ -37,7 +37,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.server import Site
@@ -52,6 +51,7 @@ from tm3.tools.testclient import run_client
 from tm3.tools import testserver
 from tests.support import servers
 from tests.support.pattern import Pattern
+from tests.support.processes import curl
 from tests.support.producers import PatternWriter
 from tests.support.servers import RP, EchoProtocol, was_reset
 from tests.support.waiting import Event, reactor, sleep, steady, until, within
@@ -60,7 +60,6 @@ HOST = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-CURL = "/usr/bin/curl"
 
 PIPES = pytest.mark.parametrize("pipes", [1, 4])
 MODES = pytest.mark.parametrize("mode", ["forward", "socks"])
@@ -1054,12 +1053,7 @@ async def test_curl_through_socks(env: Env, pipes: int, how: str, web_root: tupl
     host = HOST if how == "--socks5" else "localhost"
     url = f"http://{host}:{web.getHost().port}/file.bin"
     out, err, code = await within(
-        getProcessOutputAndValue(
-            CURL,
-            ["-sS", "--max-time", "60", how, f"{HOST}:{lp.socks_port}", url],
-            env={"PATH": "/usr/bin:/bin"},
-            reactor=env.reactor,
-        ),
+        curl("-sS", "--max-time", "60", how, f"{HOST}:{lp.socks_port}", url),
         90,
         "curl",
     )
@@ -1114,12 +1108,7 @@ async def test_curl_refused_through_socks(env: Env, pipes: int) -> None:
     closed = env.closed_port()
     rp, lp = await env.system(pipes)
     out, err, code = await within(
-        getProcessOutputAndValue(
-            CURL,
-            ["-sS", "--max-time", "20", "--socks5", f"{HOST}:{lp.socks_port}", f"http://{HOST}:{closed}/"],
-            env={"PATH": "/usr/bin:/bin"},
-            reactor=env.reactor,
-        ),
+        curl("-sS", "--max-time", "20", "--socks5", f"{HOST}:{lp.socks_port}", f"http://{HOST}:{closed}/"),
         30,
         "curl",
     )

@@ -18,17 +18,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.netns import TM3Topology
+from tests.support.processes import TWISTD
 
 pytestmark = pytest.mark.netns
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 TESTPORT = 8080
 HTTPPORT = 8081
 LP_PORT = 6001

@@ -12,20 +12,15 @@ violation seen by the test LP.
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tm3.core import wire
@@ -33,57 +28,18 @@ from tm3.rp.tap import Options, makeService
 from tests.support import servers
 from tests.support.lpclient import LPClient, RxConn
 from tests.support.pattern import Pattern
+from tests.support.processes import LISTENING, REPO_ROOT, TWISTD, Proc, spawn
 from tests.support.servers import RP, twisted_buffered, was_reset
-from tests.support.waiting import Event, reactor, steady, until, with_timeout
+from tests.support.waiting import reactor, steady, until, with_timeout
 
 HOST = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * 1024
-REPO = Path(__file__).resolve().parent.parent
-TWISTD = str(Path(sys.executable).parent / "twistd")
 FIN, RST = wire.REASON_FIN, wire.REASON_RST
 
 
 def sockbuf(transport: Any, option: int) -> int:
     return int(transport.getHandle().getsockopt(socket.SOL_SOCKET, option))
-
-
-class Proc(ProcessProtocol):
-    """A child process whose output is collected and can be awaited."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended = Event()
-        self._patterns: list[tuple[re.Pattern[bytes], Event]] = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        self._check()
-
-    errReceived = outReceived
-
-    def _check(self) -> None:
-        keep = []
-        for rx, ev in self._patterns:
-            m = rx.search(self.output)
-            if m:
-                ev.fire(m)
-            else:
-                keep.append((rx, ev))
-        self._patterns = keep
-
-    def when_output(self, regex: bytes) -> defer.Deferred[Any]:
-        ev = Event()
-        self._patterns.append((re.compile(regex), ev))
-        self._check()
-        return ev.wait()
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.fire(reason.value)
-
-    @property
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
 
 
 class Env:
@@ -129,10 +85,7 @@ class Env:
         return int(s.getsockname()[1])
 
     def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        proc = Proc()
-        base = {k: v for k, v in os.environ.items() if not k.startswith("TM3_")}
-        base.update(env or {})
-        self.reactor.spawnProcess(proc, argv[0], argv, env=base, path=str(REPO))
+        proc = spawn(argv, env)
         self.procs.append(proc)
         return proc
 
@@ -708,8 +661,6 @@ async def test_lp_gone_while_upload_backpressure_has_paused_the_pipes(env: Env) 
 
 # -- the real daemon ---------------------------------------------------------------------------
 
-LISTENING = rb"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"
-
 
 async def drive_daemon(env: Env, proc: Proc) -> None:
     match = await with_timeout(proc.when_output(LISTENING), 30)
@@ -735,7 +686,7 @@ async def test_twistd_plugin(env: Env) -> None:
 @pytest_twisted.ensureDeferred
 async def test_twistd_tac_from_environment(env: Env) -> None:
     proc = env.spawn(
-        [TWISTD, "-n", "--pidfile=", "-y", str(REPO / "tm3rp.tac")],
+        [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "tm3rp.tac")],
         {"TM3_PIPES": "2", "TM3_LISTEN": f"tcp:0:interface={HOST}"},
     )
     await drive_daemon(env, proc)
@@ -744,7 +695,7 @@ async def test_twistd_tac_from_environment(env: Env) -> None:
 @pytest_twisted.ensureDeferred
 async def test_twistd_tac_malformed_pipes(env: Env) -> None:
     proc = env.spawn(
-        [TWISTD, "-n", "--pidfile=", "-y", str(REPO / "tm3rp.tac")],
+        [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "tm3rp.tac")],
         {"TM3_PIPES": "four", "TM3_LISTEN": f"tcp:0:interface={HOST}"},
     )
     status = await with_timeout(proc.ended.wait(), 30)

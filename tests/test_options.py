@@ -3,12 +3,9 @@ the service both build."""
 
 from __future__ import annotations
 
-import os
 import re
 import runpy
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceCollection
@@ -18,9 +15,8 @@ from twisted.python import usage
 from tm3.rp import tap as rp_tap
 from tm3.mux.session import Settings
 from tm3.rp.tap import ENVIRONMENT, Options, makeService, options_from_env
+from tests.support.processes import REPO_ROOT, TWISTD, clean_env
 
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
 
@@ -240,7 +236,7 @@ def test_tac_builds_the_same_service(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TM3_PIPES", "6")
     monkeypatch.setenv("TM3_MAX_PAYLOAD", "8KiB")
-    namespace = runpy.run_path(str(ROOT / "tm3rp.tac"))
+    namespace = runpy.run_path(str(REPO_ROOT / "tm3rp.tac"))
     services = list(IServiceCollection(namespace["application"]))
     assert len(services) == 1
     (service,) = services
@@ -255,7 +251,7 @@ def test_tac_with_a_malformed_variable_exits_naming_it(monkeypatch: pytest.Monke
     monkeypatch.setenv("TM3_PIPES", "2")
     monkeypatch.setenv("TM3_CONN_QUEUE", "tiny")
     with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(ROOT / "tm3rp.tac"))
+        runpy.run_path(str(REPO_ROOT / "tm3rp.tac"))
     assert str(info.value.code).startswith("tm3rp.tac: TM3_CONN_QUEUE='tiny': --conn-queue must be")
 
 
@@ -263,13 +259,12 @@ def test_tac_with_a_malformed_variable_exits_naming_it(monkeypatch: pytest.Monke
 
 
 def twistd(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TM3_")}
     return subprocess.run(
-        [str(TWISTD), *argv],
+        [TWISTD, *argv],
         capture_output=True,
         text=True,
-        cwd=ROOT,
-        env={**base, **(env or {})},
+        cwd=REPO_ROOT,
+        env=clean_env(env),
         timeout=60,
     )
 

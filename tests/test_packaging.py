@@ -10,7 +10,7 @@ import subprocess
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import REPO_ROOT
 
 
 def test_pip_install_into_fresh_venv_lists_plugins(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ def test_pip_install_into_fresh_venv_lists_plugins(tmp_path: Path) -> None:
     bin_dir = env_dir / "bin"
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run(
-        [str(bin_dir / "pip"), "install", "-q", "--disable-pip-version-check", str(ROOT)],
+        [str(bin_dir / "pip"), "install", "-q", "--disable-pip-version-check", str(REPO_ROOT)],
         check=True,
         env=clean_env,
         cwd=tmp_path,
@@ -39,7 +39,7 @@ def test_pip_install_into_fresh_venv_lists_plugins(tmp_path: Path) -> None:
     )  # fmt: skip
     assert where.returncode == 0, where.stderr
     for line in where.stdout.split():
-        assert str(env_dir) in line and str(ROOT) not in line, where.stdout
+        assert str(env_dir) in line and str(REPO_ROOT) not in line, where.stdout
     rp_help = subprocess.run(
         [str(bin_dir / "twistd"), "tm3rp", "--help"], capture_output=True, text=True, env=clean_env, cwd=elsewhere, timeout=60
     )

@@ -43,7 +43,8 @@ from tm3.lp.redirect import (
     installed_rules,
     make_config,
 )
-from tests.support.netns import TM3Topology, Topology, python_env
+from tests.support.netns import TM3Topology, Topology
+from tests.support.processes import python_env
 
 RP = "10.77.1.1"
 

@@ -41,7 +41,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -70,11 +69,11 @@ from tm3.lp.socks import (
     SocksError,
     reply,
 )
+from tests.support import processes
 from tests.support.waiting import until
 
 reactor: Any = _reactor  # the global reactor, untyped as in Twisted itself
 
-CURL = "/usr/bin/curl"
 LOOPBACK = "127.0.0.1"
 STEP_TIMEOUT = 15.0
 
@@ -985,12 +984,9 @@ def free_port() -> int:
 
 
 async def curl(*args: str) -> tuple[bytes, bytes, int]:
-    # -q: ignore ~/.curlrc; a minimal environment so that no *_proxy or
-    # NO_PROXY variable can route the request around the proxy under test.
-    result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
-        CURL,
-        ["-q", "--silent", "--show-error", "--max-time", "10", *args],
-        env={"PATH": "/usr/bin:/bin"},
+    """:func:`tests.support.processes.curl`, quiet, bounded by the step timeout."""
+    result: tuple[bytes, bytes, int] = await processes.curl(
+        "--silent", "--show-error", "--max-time", "10", *args
     ).addTimeout(STEP_TIMEOUT, reactor)
     return result
 

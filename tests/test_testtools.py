@@ -9,7 +9,6 @@ the test if it leaves a socket open or a delayed call pending.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import re
 import signal
@@ -19,7 +18,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import IO, Any, cast
 
 import pytest
@@ -61,9 +59,9 @@ from tm3.tools.testproto import (
     pattern_chunks,
 )
 from tm3.tools.testserver import listen_testserver
+from tests.support.processes import python_env
 
 reactor: Any = _global_reactor
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 u32 = st.integers(0, MAX_U32)
 
@@ -633,11 +631,6 @@ async def test_server_does_not_buffer_for_a_client_that_does_not_read(
 # --- console entry points -------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
-
-
 class LineReader:
     """Reads a subprocess's output in a thread, so waiting for a line can time out.
 
@@ -676,7 +669,7 @@ def test_console_entry_points() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=python_env(),
     )
     try:
         assert server.stdout is not None
@@ -696,7 +689,7 @@ def test_console_entry_points() -> None:
             check=False,
             capture_output=True,
             text=True,
-            env=_env(),
+            env=python_env(),
             timeout=60,
         )
         assert client.returncode == 0, client.stdout + client.stderr
@@ -731,7 +724,7 @@ def test_console_entry_points() -> None:
         check=False,
         capture_output=True,
         text=True,
-        env=_env(),
+        env=python_env(),
         timeout=60,
     )
     assert refused.returncode == 1

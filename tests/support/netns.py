@@ -51,8 +51,9 @@ from typing import Any, TypeVar
 
 from attrs import define, field, frozen
 
+from tests.support.processes import REPO_ROOT, python_env
+
 __all__ = [
-    "REPO_ROOT",
     "Host",
     "Link",
     "NetnsError",
@@ -60,14 +61,9 @@ __all__ = [
     "Topology",
     "build_tm3_topology",
     "netns_unavailable_reason",
-    "python_env",
 ]
 
 T = TypeVar("T")
-
-#: The checkout under test, put on PYTHONPATH of every command run in a host
-#: so ``python -m tm3.<module>`` works without installing the package.
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _NETNS_RUN_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -80,17 +76,6 @@ _probe_result: list[str | None] = []
 
 class NetnsError(RuntimeError):
     """A command that builds or tears down a topology failed."""
-
-
-def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with the checkout first on PYTHONPATH."""
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if extra:
-        env.update(extra)
-    return env
 
 
 def _run(argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
