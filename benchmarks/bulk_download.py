@@ -21,8 +21,8 @@ import argparse
 import hashlib
 import os
 import socket
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,49 +31,36 @@ from twisted.internet import defer, task
 from tests.support.lpclient import LPClient
 from tests.support.pattern import Pattern
 from tests.support.processes import LISTENING, TWISTD, Proc, cpu_seconds, spawn
+from tests.support.threadserver import ThreadServer
 from tests.support.waiting import with_timeout
 
 MiB = 1024 * 1024
 
 
-class ThreadServer:
-    """One connection, served by a blocking thread: ``source`` sends ``size``
-    pattern bytes then closes; ``sink`` hashes until EOF, answers
-    ``"<count> <sha256>\\n"`` and closes."""
+def send_pattern(size: int, seed: int) -> Callable[[socket.socket], None]:
+    """The source: ``size`` pattern bytes, then our FIN; drains until the LP's."""
 
-    def __init__(self, kind: str, size: int = 0, seed: int = 1) -> None:
-        self.kind = kind
-        self.size = size
-        self.seed = seed
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1)
-        self.port = self.sock.getsockname()[1]
-        self.result: Any = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+    def respond(conn: socket.socket) -> None:
+        for chunk in Pattern(seed).chunks(size, 512 * 1024):
+            conn.sendall(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):
+            pass
 
-    def _run(self) -> None:
-        conn, _ = self.sock.accept()
-        self.sock.close()
-        with conn:
-            if self.kind == "source":
-                for chunk in Pattern(self.seed).chunks(self.size, 512 * 1024):
-                    conn.sendall(chunk)
-                conn.shutdown(socket.SHUT_WR)
-                while conn.recv(65536):
-                    pass
-            else:
-                h = hashlib.sha256()
-                n = 0
-                while True:
-                    data = conn.recv(1024 * 1024)
-                    if not data:
-                        break
-                    n += len(data)
-                    h.update(data)
-                self.result = (n, h.hexdigest())
-                conn.sendall(f"{n} {h.hexdigest()}\n".encode())
+    return respond
+
+
+def hash_and_report(conn: socket.socket) -> None:
+    """The sink: hashes until EOF, then answers ``"<count> <sha256>\\n"``."""
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        data = conn.recv(1024 * 1024)
+        if not data:
+            break
+        n += len(data)
+        h.update(data)
+    conn.sendall(f"{n} {h.hexdigest()}\n".encode())
 
 
 async def start_rp(pipes: int, payload: int, profile: str | None) -> tuple[Proc, int]:
@@ -95,7 +82,7 @@ async def run(reactor: Any, pipes: int, size: int, payload: int, profile_dir: st
     out: dict[str, float] = {}
     try:
         pid = daemon.transport.pid
-        src = ThreadServer("source", size, seed=1)
+        src = ThreadServer.on_loopback(send_pattern(size, seed=1), once=True, conn_timeout=None)
         c0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         rx = lp.open(1, "127.0.0.1", src.port, streaming=True)
@@ -106,7 +93,7 @@ async def run(reactor: Any, pipes: int, size: int, payload: int, profile_dir: st
         assert reason == 0x88, hex(reason)
         assert rx.received == size and rx.digest == Pattern(1).digest(size), "download digest differs"
 
-        snk = ThreadServer("sink")
+        snk = ThreadServer.on_loopback(hash_and_report, once=True, conn_timeout=None)
         c0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         rx = lp.open(2, "127.0.0.1", snk.port)

@@ -15,7 +15,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +44,7 @@ from tm3.lp.redirect import (
 )
 from tests.support.netns import TM3Topology, Topology
 from tests.support.processes import python_env
+from tests.support.threadserver import ThreadServer
 
 RP = "10.77.1.1"
 
@@ -363,40 +363,6 @@ def test_original_destination_of_needs_a_real_transport() -> None:
 
 
 # --- real rules inside network namespaces --------------------------------------
-
-
-class ThreadServer:
-    """Accepts on a socket in a namespace; answers each connection with
-    ``respond(conn)``. Threads, because the sockets live in other namespaces
-    and the test only needs a handful of connections."""
-
-    def __init__(self, sock: socket.socket, respond: Callable[[socket.socket], None]) -> None:
-        self.sock = sock
-        self.respond = respond
-        self.stop = threading.Event()
-        sock.settimeout(0.1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    self.respond(conn)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close()
 
 
 @contextmanager
