@@ -7,11 +7,13 @@ them to tests as fixtures.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_twisted
 
 from tests import rp_harness
+from tests.support.env import Env
 from tests.support.netns import TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason
 
 # test_session.py still imports its harness by the bare name it had before
@@ -38,3 +40,12 @@ def topology() -> Iterator[Topology]:
 def tm3_topology(topology: Topology) -> TM3Topology:
     """client / rp / server hosts wired for transparent mode (skips if impossible)."""
     return build_tm3_topology(topology)
+
+
+@pytest_twisted.async_yield_fixture
+async def env() -> AsyncIterator[Env]:
+    """Everything a loopback test starts, stopped and checked for leaks at
+    teardown (:class:`tests.support.env.Env`)."""
+    e = Env()
+    yield e
+    await e.close()

@@ -6,15 +6,16 @@ Both proxies run in-process in the pytest-twisted reactor, built exactly as
 ``twistd`` builds them (``makeService(Options().parseOptions([...]))``) on
 ``tcp:0:interface=127.0.0.1`` ports; the LP's options are built once the RP
 listens, since only then is its port known. Clients are Twisted protocols in
-the same reactor (:class:`Client`, which also speaks the client side of
-SOCKS5), the experiment tools (``run_client`` against ``listen_testserver``),
+the same reactor (:class:`tests.support.clients.Client`, which also speaks
+the client side of SOCKS5), the experiment tools (``run_client`` against ``listen_testserver``),
 or ``curl`` as an unmodified SOCKS5 client. The servers are those of
 :mod:`tests.support.servers`, a hashing echo (:class:`HashingEcho`) and a small
 ``twisted.web`` site.
 
-The ``env`` fixture owns everything a test starts and, at teardown, stops it
-all and checks that nothing leaked: no socket left in the reactor, no delayed
-call left pending, no failure logged. Every wait has a timeout.
+The ``env`` fixture (:class:`tests.support.env.Env`) owns everything a test
+starts and, at teardown, stops it all and checks that nothing leaked: no
+socket left in the reactor, no delayed call left pending, no failure logged.
+Every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import socket
 import struct
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -45,18 +42,26 @@ from zope.interface import implementer
 with warnings.catch_warnings():  # twisted.web.static warns about itself on import
     warnings.simplefilter("ignore", DeprecationWarning)
     from twisted.web.static import File
-from tm3.lp import tap as lp_tap
-from tm3.rp import tap as rp_tap
 from tm3.tools.testclient import run_client
 from tm3.tools import testserver
 from tests.support import servers
+from tests.support.clients import (
+    ATYP_IPV6,
+    REP_ATYP_NOT_SUPPORTED,
+    REP_HOST_UNREACHABLE,
+    REP_SUCCEEDED,
+    Client,
+    socks_ipv4,
+    socks_name,
+)
+from tests.support.env import Env
 from tests.support.pattern import Pattern
+from tests.support.ports import HOST
 from tests.support.processes import curl
 from tests.support.producers import PatternWriter
-from tests.support.servers import RP, EchoProtocol, was_reset
-from tests.support.waiting import Event, reactor, sleep, steady, until, within
+from tests.support.servers import EchoProtocol, was_reset
+from tests.support.waiting import sleep, steady, until, within
 
-HOST = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -64,159 +69,11 @@ GiB = 1024 * MiB
 PIPES = pytest.mark.parametrize("pipes", [1, 4])
 MODES = pytest.mark.parametrize("mode", ["forward", "socks"])
 
-ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 0x01, 0x03, 0x04
-REP_SUCCEEDED, REP_HOST_UNREACHABLE, REP_ATYP_NOT_SUPPORTED = 0x00, 0x04, 0x08
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 # -- clients and servers ----------------------------------------------------------
-
-
-@implementer(IHalfCloseableProtocol)
-class Client(Protocol):
-    """A test client: keeps (or only hashes) what it receives, can half-close
-    and reset, and can first ask a SOCKS5 server for ``socks`` = (ATYP,
-    address bytes as in the request, port).
-
-    ``lost`` fires with the exception that ended the connection (a result to
-    check, not an error); ``eof`` with the server's FIN. After our own
-    half-close, the server's FIN closes the socket; without it the socket
-    stays half-open (the test may still send) unless ``close_on_eof``.
-    """
-
-    def __init__(
-        self,
-        keep: bool = True,
-        socks: tuple[int, bytes, int] | None = None,
-        close_on_eof: bool = False,
-        optimistic: bytes | None = None,
-    ) -> None:
-        """``optimistic``: send the SOCKS5 greeting, the request and these
-        bytes at once, without waiting for the replies."""
-        self.keep = keep
-        self.optimistic = optimistic
-        self.close_on_eof = close_on_eof
-        self.data = bytearray()
-        self.hash = hashlib.sha256()
-        self.received = 0
-        self.eof = Event()
-        self.lost = Event()
-        self.write_closed = False
-        self.socks = socks
-        self.socks_reply = Event()  # fires with the REP code
-        self.socks_method: bytes | None = None
-        self._socks_buf = bytearray()
-        self._socks_stage = 0 if socks is not None else 2
-        self._waiting: list[tuple[int, defer.Deferred[int]]] = []
-
-    # -- Twisted callbacks ----------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        if self.socks is not None:
-            self.transport.write(b"\x05\x01\x00")  # VER, one method: no authentication
-            if self.optimistic is not None:
-                self.transport.write(self._socks_request() + self.optimistic)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._socks_stage < 2:
-            self._socks_buf += data
-            data = self._socks_step()
-            if not data:
-                return
-        self.received += len(data)
-        self.hash.update(data)
-        if self.keep:
-            self.data += data
-        if self._waiting:
-            ready = [w for w in self._waiting if self.received >= w[0]]
-            self._waiting = [w for w in self._waiting if self.received < w[0]]
-            for _, d in ready:
-                d.callback(self.received)
-
-    def _socks_step(self) -> bytes:
-        buf = self._socks_buf
-        if self._socks_stage == 0:
-            if len(buf) < 2:
-                return b""
-            self.socks_method = bytes(buf[:2])
-            del buf[:2]
-            if self.optimistic is None:
-                self.transport.write(self._socks_request())
-            self._socks_stage = 1
-        if len(buf) < 5:
-            return b""
-        atyp = buf[3]
-        size = 4 + {ATYP_IPV4: 4, ATYP_IPV6: 16, ATYP_DOMAIN: 1 + buf[4]}.get(atyp, 0) + 2
-        if len(buf) < size:
-            return b""
-        self._socks_stage = 2
-        rest = bytes(buf[size:])
-        self.socks_reply.fire(buf[1] if buf[0] == 5 else -1)
-        buf.clear()
-        return rest
-
-    def _socks_request(self) -> bytes:
-        assert self.socks is not None
-        atyp, addr, port = self.socks
-        return bytes((5, 1, 0, atyp)) + addr + struct.pack("!H", port)
-
-    def readConnectionLost(self) -> None:
-        self.eof.fire()
-        if self.write_closed or self.close_on_eof:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        self.write_closed = True
-        if self.eof.fired:
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost.fire(reason.value)
-        self.socks_reply.fire(None)
-        waiting, self._waiting = self._waiting, []
-        for n, d in waiting:
-            d.errback(AssertionError(f"connection lost ({reason.value!r}) after {self.received} of {n} bytes"))
-
-    # -- for tests ------------------------------------------------------------------
-
-    def use_socks(self, request: tuple[int, bytes, int]) -> None:
-        """Ask for ``request`` with SOCKS5 first (before connecting)."""
-        self.socks = request
-        self._socks_stage = 0
-
-    def when_received(self, n: int) -> defer.Deferred[int]:
-        if self.received >= n:
-            return defer.succeed(self.received)
-        d: defer.Deferred[int] = defer.Deferred(lambda d: self._waiting.remove((n, d)))
-        self._waiting.append((n, d))
-        return d
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def shutdown_write(self) -> None:
-        self.transport.loseWriteConnection()
-
-    def reset(self) -> None:
-        """Close with SO_LINGER 0: the peer gets a RST, not a FIN."""
-        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.transport.abortConnection()
-
-    @property
-    def digest(self) -> str:
-        return self.hash.hexdigest()
-
-
-def socks_ipv4(host: str, port: int) -> tuple[int, bytes, int]:
-    return ATYP_IPV4, socket.inet_aton(host), port
-
-
-def socks_name(name: str, port: int) -> tuple[int, bytes, int]:
-    raw = name.encode()
-    return ATYP_DOMAIN, bytes((len(raw),)) + raw, port
 
 
 @implementer(IHalfCloseableProtocol)
@@ -240,197 +97,6 @@ class CloseAtOnce(servers.TrackedProtocol):
 
 def hashing_echo(r: Any) -> servers.TestServer:
     return servers.TestServer(r, HashingEcho)
-
-
-# -- the system ---------------------------------------------------------------------
-
-
-class LP:
-    """An in-process LP service and the ports it listens on."""
-
-    def __init__(self, service: Any) -> None:
-        self.service = service
-        self.stopped = False
-        self.socks_port = 0
-        self.forward_ports: list[int] = []
-
-    @property
-    def stats(self) -> Any:
-        return self.service.stats
-
-    @property
-    def session(self) -> Any:
-        return self.service.session
-
-    def port(self, mode: str, index: int = 0) -> int:
-        return self.socks_port if mode == "socks" else self.forward_ports[index]
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await within(self.service.stopService(), 10, "the LP to stop")
-
-
-class Env:
-    """Everything a test starts; :meth:`close` stops it and checks for leaks."""
-
-    def __init__(self) -> None:
-        self.reactor = reactor()
-        self.rps: list[RP] = []
-        self.lps: list[LP] = []
-        self.servers: list[servers.TestServer] = []
-        self.ports: list[Any] = []  # other listening ports (test server, web)
-        self.clients: list[Client] = []
-        self.holds: list[socket.socket] = []
-        self.held_ports: dict[int, socket.socket] = {}
-        self.log: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.log.append)
-        self.fds = set(self.reactor.getReaders()) | set(self.reactor.getWriters())
-        self.calls = {c for c in self.reactor.getDelayedCalls() if c.active()}
-
-    def hold_port(self, port: int) -> socket.socket:
-        """Keep a stopped RP's port bound but not listening: dials to it are
-        refused, and nothing else (say, the next listener on tcp:0) can take
-        it until :meth:`rp` reopens it."""
-        held = socket.socket()
-        # The old RP's connections may sit in TIME_WAIT on this port.
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        held.bind((HOST, port))
-        self.held_ports[port] = held
-        return held
-
-    async def rp(self, pipes: int, port: int = 0) -> RP:
-        held = self.held_ports.pop(port, None)
-        if held is not None:
-            held.close()
-        config = rp_tap.Options()
-        config.parseOptions(["--pipes", str(pipes), "--listen", f"tcp:{port}:interface={HOST}"])
-        service = rp_tap.makeService(config, self.reactor)
-        service.startService()
-        listening = await within(service.when_listening(), 5, "the RP to listen")
-        rp = RP(service, listening.getHost().port)
-        self.rps.append(rp)
-        return rp
-
-    async def lp(self, rp_port: int, pipes: int, forward: Sequence[int] = (), wait: bool = True) -> LP:
-        """An LP with a SOCKS5 listener and one forward listener per port in
-        ``forward`` (to 127.0.0.1:port); ``wait``: until its session is up."""
-        argv = ["--remote", f"{HOST}:{rp_port}", "--pipes", str(pipes), "--socks", f"tcp:0:interface={HOST}"]
-        for port in forward:
-            argv += ["--forward", f"tcp:0:interface={HOST}:{HOST}:{port}"]
-        config = lp_tap.Options()
-        config.parseOptions(argv)
-        service = lp_tap.makeService(config, self.reactor)
-        lp = LP(service)
-        self.lps.append(lp)
-        service.startService()
-        ports = [(await within(li.when_listening(), 5, "the LP to listen")).getHost().port for li in service.listeners]
-        lp.socks_port, lp.forward_ports = ports[0], ports[1:]
-        if wait:
-            await within(service.when_session(), 10, "the LP's pipes to come up")
-        return lp
-
-    async def server(self, server: servers.TestServer) -> servers.TestServer:
-        self.servers.append(server)
-        return await server.start()
-
-    async def system(self, pipes: int, forward: Sequence[int] = ()) -> tuple[RP, LP]:
-        rp = await self.rp(pipes)
-        lp = await self.lp(rp.port, pipes, forward)
-        return rp, lp
-
-    async def connect(self, port: int, client: Client | None = None, timeout: float = 10) -> Client:
-        client = Client() if client is None else client
-        self.clients.append(client)
-        endpoint = TCP4ClientEndpoint(self.reactor, HOST, port, timeout=timeout)
-        await within(connectProtocol(endpoint, client), timeout, f"a connection to port {port}")
-        return client
-
-    async def open(self, lp: LP, mode: str, target: int, client: Client | None = None, index: int = 0) -> Client:
-        """A client to 127.0.0.1:``target`` through the LP: through its
-        forward listener ``index`` (which must go to ``target``) or SOCKS5;
-        for SOCKS5, returns once the success reply is in."""
-        client = Client() if client is None else client
-        if mode == "socks":
-            client.use_socks(socks_ipv4(HOST, target))
-        await self.connect(lp.port(mode, index), client)
-        if mode == "socks":
-            rep = await within(client.socks_reply.wait(), 10, "the SOCKS reply")
-            assert client.socks_method == b"\x05\x00"
-            assert rep == REP_SUCCEEDED, f"SOCKS reply {rep!r}"
-        return client
-
-    def closed_port(self) -> int:
-        """A port on 127.0.0.1 that is bound but not listening: connects are refused."""
-        s = socket.socket()
-        s.bind((HOST, 0))
-        self.holds.append(s)
-        return int(s.getsockname()[1])
-
-    def new_calls(self) -> list[Any]:
-        return [c for c in self.reactor.getDelayedCalls() if c.active() and c not in self.calls]
-
-    def logged(self) -> str:
-        return "\n".join(str(formatEvent(e)) for e in self.log)
-
-    async def close(self) -> None:
-        """Stop everything (each step runs even if an earlier one failed),
-        then check for leaks; report every problem."""
-        globalLogPublisher.removeObserver(self.log.append)
-        problems: list[BaseException] = []
-
-        async def step(d: Any, seconds: float, what: str) -> None:
-            try:
-                await within(d, seconds, what)
-            except BaseException as e:  # noqa: BLE001  # reported below, after the other steps
-                problems.append(e)
-
-        for client in self.clients:
-            if not client.lost.fired and client.transport is not None:
-                client.transport.abortConnection()
-        for client in self.clients:
-            if client.transport is not None or client.lost.fired:
-                await step(client.lost.wait(), 5, "a client to close")
-        for lp in self.lps:
-            await step(lp.stop(), 15, "the LP to stop")
-        for rp in self.rps:
-            await step(rp.stop(), 15, "the RP to stop")
-        for server in self.servers:
-            await step(server.stop(), 5, "a server to stop")
-        for port in self.ports:
-            await step(defer.maybeDeferred(port.stopListening), 5, "a port to stop listening")
-        for s in [*self.holds, *self.held_ports.values()]:
-            s.close()
-        r = self.reactor
-        # Not through step(): its own timeout would be a pending delayed call.
-        try:
-            await until(lambda: not (set(r.getReaders()) | set(r.getWriters())) - self.fds, 5, "every socket to be closed")
-            await until(lambda: not self.new_calls(), 5, "no delayed call left pending")
-        except AssertionError as e:
-            problems.append(AssertionError(f"{e}: {self.new_calls()}"))
-        if problems:
-            raise AssertionError("teardown: " + "; ".join(str(p) for p in problems))
-        failures = [formatEvent(e) + "\n" + e["log_failure"].getTraceback() for e in self.log if "log_failure" in e]
-        assert not failures, "failures were logged:\n" + "\n".join(failures)
-
-
-@pytest_twisted.async_yield_fixture
-async def env() -> Any:
-    e = Env()
-    yield e
-    await e.close()
-
-
-async def echo_round_trip(env: Env, lp: LP, mode: str, port: int, data: bytes, index: int = 0) -> Client:
-    """Send ``data`` to the echo server at ``port`` through the LP, half-close,
-    and check that exactly ``data`` comes back, then an orderly close."""
-    client = await env.open(lp, mode, port, index=index)
-    client.write(data)
-    client.shutdown_write()
-    reason = await within(client.lost.wait(), 20, "the echo to end")
-    assert not was_reset(reason), reason
-    assert client.received == len(data) and client.data == data
-    return client
 
 
 # -- the experiment tools through TM3 ------------------------------------------------
@@ -619,7 +285,7 @@ async def test_many_short_connections_one_after_another(env: Env, pipes: int, mo
     srv = await env.server(hashing_echo(env.reactor))
     rp, lp = await env.system(pipes, [srv.port])
     for i in range(n):
-        await echo_round_trip(env, lp, mode, srv.port, Pattern(17).bytes(1 + 13 * i, offset=i))
+        await env.echo_round_trip(lp, mode, srv.port, Pattern(17).bytes(1 + 13 * i, offset=i))
     await until(lambda: lp.stats.connections_closed == n and rp.stats.connections_closed == n, 5, "both to forget")
     assert lp.stats.ended_by == {"fin": n} and rp.stats.ended_by == {"fin": n}
     assert not lp.session.conns and not rp.session.conns and not rp.session.live and not rp.session.sockets
@@ -801,7 +467,7 @@ async def test_client_reset_during_a_download(env: Env, pipes: int, mode: str) -
     assert rp.stats.ended_by == {"rst": 1}
     # The session still carries new connections.
     echo = await env.server(hashing_echo(env.reactor))
-    await echo_round_trip(env, lp, "socks", echo.port, Pattern(19).bytes(500_000))
+    await env.echo_round_trip(lp, "socks", echo.port, Pattern(19).bytes(500_000))
 
 
 @PIPES
@@ -866,7 +532,7 @@ async def test_server_resets_while_the_client_uploads(env: Env, pipes: int) -> N
     assert lp.stats.ended_by == {"rst": 1} and rp.stats.ended_by == {"rst": 1}
     assert lp.stats.protocol_errors == rp.stats.protocol_errors == 0
     echo = await env.server(hashing_echo(env.reactor))
-    await echo_round_trip(env, lp, "socks", echo.port, Pattern(19).bytes(500_000))
+    await env.echo_round_trip(lp, "socks", echo.port, Pattern(19).bytes(500_000))
     assert rp.stats.sessions == 1
 
 
@@ -942,7 +608,7 @@ async def test_rp_restart(env: Env, pipes: int) -> None:
     gets a new session, which serves the waiting client and new ones."""
     srv = await env.server(hashing_echo(env.reactor))
     rp, lp = await env.system(pipes, [srv.port])
-    await echo_round_trip(env, lp, "forward", srv.port, Pattern(14).bytes(200_000))
+    await env.echo_round_trip(lp, "forward", srv.port, Pattern(14).bytes(200_000))
     live = [await env.open(lp, "socks" if i % 2 else "forward", srv.port) for i in range(40)]
     for c in live:
         c.write(b"ping")
@@ -970,8 +636,8 @@ async def test_rp_restart(env: Env, pipes: int) -> None:
     assert lp.stats.sessions == 2
     await within(waiting.when_received(6), 10, "the waiting client's echo")
     assert waiting.data == b"waited"
-    await echo_round_trip(env, lp, "forward", srv.port, Pattern(14).bytes(300_000, offset=5))
-    await echo_round_trip(env, lp, "socks", srv.port, Pattern(14).bytes(100_000, offset=9))
+    await env.echo_round_trip(lp, "forward", srv.port, Pattern(14).bytes(300_000, offset=5))
+    await env.echo_round_trip(lp, "socks", srv.port, Pattern(14).bytes(100_000, offset=9))
 
 
 @PIPES
@@ -993,7 +659,7 @@ async def test_one_lost_pipe_ends_the_session_on_both_sides(env: Env, pipes: int
     await within(until(lambda: lp.session is not None, 10, "a new session"), 15, "a new session")
     await until(lambda: rp.session is not None and rp.session is not first_rp, 5, "the RP's new session")
     assert lp.stats.sessions == 2 and rp.stats.sessions == 2
-    await echo_round_trip(env, lp, "forward", srv.port, Pattern(20).bytes(300_000))
+    await env.echo_round_trip(lp, "forward", srv.port, Pattern(20).bytes(300_000))
 
 
 @PIPES

@@ -3,11 +3,11 @@
 The RP runs in-process (``makeService(config, reactor)`` listening on
 ``tcp:0:interface=127.0.0.1``), driven by the independent test LP of
 :mod:`tests.support.lpclient` against the real servers of
-:mod:`tests.support.servers`; three tests run
-the real ``twistd``. The ``env`` fixture owns everything a test starts and, at
-teardown, stops it all and checks that nothing leaked: no socket left in the
-reactor, no delayed call left pending, no failure logged, no protocol
-violation seen by the test LP.
+:mod:`tests.support.servers`; three tests run the real ``twistd``. The
+``env`` fixture (:class:`tests.support.env.Env`) owns everything a test
+starts and, at teardown, stops it all and checks that nothing leaked: no
+socket left in the reactor, no delayed call left pending, no failure logged,
+no protocol violation seen by the test LP.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from tm3.core import wire
-from tm3.rp.tap import Options, makeService
 from tests.support import servers
-from tests.support.lpclient import LPClient, RxConn
+from tests.support.env import Env
+from tests.support.lpclient import LPClient, echo_over_pipes
 from tests.support.pattern import Pattern
-from tests.support.processes import LISTENING, REPO_ROOT, TWISTD, Proc, spawn
-from tests.support.servers import RP, twisted_buffered, was_reset
-from tests.support.waiting import reactor, steady, until, with_timeout
+from tests.support.ports import HOST
+from tests.support.processes import LISTENING, REPO_ROOT, TWISTD, Proc
+from tests.support.proxies import RP
+from tests.support.servers import twisted_buffered, was_reset
+from tests.support.waiting import steady, until, with_timeout
 
-HOST = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * 1024
 FIN, RST = wire.REASON_FIN, wire.REASON_RST
@@ -40,103 +41,6 @@ FIN, RST = wire.REASON_FIN, wire.REASON_RST
 
 def sockbuf(transport: Any, option: int) -> int:
     return int(transport.getHandle().getsockopt(socket.SOL_SOCKET, option))
-
-
-class Env:
-    """Everything a test starts; :meth:`close` stops it and checks for leaks."""
-
-    def __init__(self) -> None:
-        self.reactor = reactor()
-        self.rps: list[RP] = []
-        self.lps: list[LPClient] = []
-        self.servers: list[servers.TestServer] = []
-        self.procs: list[Proc] = []
-        self.log: list[dict[str, Any]] = []
-        self.holds: list[socket.socket] = []
-        globalLogPublisher.addObserver(self.log.append)
-        self.fds = set(self.reactor.getReaders()) | set(self.reactor.getWriters())
-        self.calls = {c for c in self.reactor.getDelayedCalls() if c.active()}
-
-    async def rp(self, pipes: int = 1, *extra: str) -> RP:
-        config = Options()
-        config.parseOptions(["--pipes", str(pipes), "--listen", f"tcp:0:interface={HOST}", *extra])
-        service = makeService(config, self.reactor)
-        service.startService()
-        port = await with_timeout(service.when_listening(), 5)
-        rp = RP(service, port.getHost().port)
-        self.rps.append(rp)
-        return rp
-
-    async def lp(self, port: int, pipes: int = 1, **kw: Any) -> LPClient:
-        lp = LPClient(self.reactor, port, pipes, **kw)
-        self.lps.append(lp)
-        await with_timeout(lp.connect(), 5)
-        return lp
-
-    async def server(self, server: servers.TestServer) -> servers.TestServer:
-        self.servers.append(server)
-        return await server.start()
-
-    def closed_port(self) -> int:
-        """A port on 127.0.0.1 that is bound but not listening: connects are refused."""
-        s = socket.socket()
-        s.bind((HOST, 0))
-        self.holds.append(s)
-        return int(s.getsockname()[1])
-
-    def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        proc = spawn(argv, env)
-        self.procs.append(proc)
-        return proc
-
-    def logged(self) -> str:
-        return "\n".join(str(formatEvent(e)) for e in self.log)
-
-    async def close(self) -> None:
-        globalLogPublisher.removeObserver(self.log.append)
-        for lp in self.lps:
-            await with_timeout(lp.close(), 5)
-        for rp in self.rps:
-            await with_timeout(rp.stop(), 5)
-        for server in self.servers:
-            await with_timeout(server.stop(), 5)
-        for proc in self.procs:
-            if not proc.ended.fired:
-                proc.transport.signalProcess("KILL")
-                await with_timeout(proc.ended.wait(), 10)
-        for s in self.holds:
-            s.close()
-        r = self.reactor
-        await until(
-            lambda: not (set(r.getReaders()) | set(r.getWriters())) - self.fds, 5, "every socket to be closed"
-        )
-        await until(
-            lambda: not [c for c in r.getDelayedCalls() if c.active() and c not in self.calls],
-            5,
-            "no delayed call left pending",
-        )
-        failures = [formatEvent(e) + "\n" + e["log_failure"].getTraceback() for e in self.log if "log_failure" in e]
-        assert not failures, "failures were logged:\n" + "\n".join(failures)
-        errors = [e for lp in self.lps for e in lp.errors]
-        assert not errors, f"the test LP saw protocol violations: {errors}"
-
-
-@pytest_twisted.async_yield_fixture
-async def env() -> Any:
-    e = Env()
-    yield e
-    await e.close()
-
-
-async def echo_round_trip(lp: LPClient, conn_id: int, port: int, data: bytes, timeout: float = 10) -> RxConn:
-    """Open, send, FIN, and check the echo came back whole, then the RP's FIN 0x88."""
-    rx = lp.open(conn_id, HOST, port)
-    lp.send(conn_id, data)
-    lp.fin(conn_id)
-    reason, seq = await with_timeout(rx.when_fin(), timeout)
-    assert bytes(rx.data) == data
-    assert (reason, seq) == (FIN, rx.messages - 1)
-    return rx
 
 
 def forgotten(rp: RP) -> bool:
@@ -150,11 +54,11 @@ def forgotten(rp: RP) -> bool:
 async def test_sequential_connections_over_one_pipe(env: Env) -> None:
     rp = await env.rp(1)
     srv = await env.server(servers.echo(env.reactor))
-    lp = await env.lp(rp.port, 1)
+    lp = await env.lp_client(rp.port, 1)
     sizes = [0, 1, 4096, 4097, 100_000, 300_001]
     for i, size in enumerate(sizes):
         data = Pattern(5).bytes(size, offset=i * 7919)
-        await echo_round_trip(lp, i + 1, srv.port, data)
+        await echo_over_pipes(lp, i + 1, srv.port, data)
         proto = await with_timeout(srv.connection(i), 5)
         reason = await with_timeout(proto.lost.wait(), 5)
         assert not was_reset(reason)
@@ -169,7 +73,7 @@ async def test_sequential_connections_over_one_pipe(env: Env) -> None:
 async def test_out_of_order_over_four_pipes(env: Env) -> None:
     rp = await env.rp(4)
     srv = await env.server(servers.echo(env.reactor))
-    lp = await env.lp(rp.port, 4)
+    lp = await env.lp_client(rp.port, 4)
     syn = lambda cid: lp.syn_msg(cid, HOST, srv.port, lp.take_seq(cid)[0])
     fin = lambda cid: lp.fin_msg(cid, lp.take_seq(cid)[0])
 
@@ -240,7 +144,7 @@ async def test_out_of_order_over_four_pipes(env: Env) -> None:
 async def test_256_concurrent_connections_every_byte_both_ways(env: Env) -> None:
     rp = await env.rp(4)
     srv = await env.server(servers.echo(env.reactor))
-    lp = await env.lp(rp.port, 4)
+    lp = await env.lp_client(rp.port, 4)
     n = 256
     pattern = Pattern(7)
     sent = {cid: pattern.bytes(20_000 + cid * 97, offset=cid * 7919) for cid in range(n)}
@@ -267,7 +171,7 @@ async def test_large_transfer_both_ways(env: Env) -> None:
     rp = await env.rp(4)
     src = await env.server(servers.source(env.reactor, size, seed=1))
     snk = await env.server(servers.sink(env.reactor, seed=2))
-    lp = await env.lp(rp.port, 4)
+    lp = await env.lp_client(rp.port, 4)
 
     t0 = time.monotonic()
     down = lp.open(1, HOST, src.port, streaming=True)
@@ -297,7 +201,7 @@ async def test_large_transfer_both_ways(env: Env) -> None:
 @pytest_twisted.ensureDeferred
 async def test_connect_refused_is_fin_0x99_seq_0(env: Env) -> None:
     rp = await env.rp(1)
-    lp = await env.lp(rp.port, 1)
+    lp = await env.lp_client(rp.port, 1)
     port = env.closed_port()
     rx = lp.rx(1)
     # SYN and a DATA in one write: the DATA is queued for the connect, then dropped.
@@ -315,7 +219,7 @@ async def test_server_reset_mid_stream(env: Env) -> None:
     k = 300_000
     rp = await env.rp(2)
     srv = await env.server(servers.reset_after(env.reactor, k, seed=3))
-    lp = await env.lp(rp.port, 2)
+    lp = await env.lp_client(rp.port, 2)
     rx = lp.open(1, HOST, srv.port)
     assert await with_timeout(rx.when_fin(), 10) == (RST, rx.messages - 1)
     proto = await with_timeout(srv.connection(0), 1)
@@ -332,7 +236,7 @@ async def test_half_close_client_first_server_keeps_sending(env: Env, reason: in
     extra = 1 * MiB
     rp = await env.rp(2)
     srv = await env.server(servers.sink(env.reactor, extra=extra, seed=2))
-    lp = await env.lp(rp.port, 2)
+    lp = await env.lp_client(rp.port, 2)
     data = Pattern(8).bytes(200_000)
     rx = lp.open(1, HOST, srv.port)
     lp.send(1, data)
@@ -349,7 +253,7 @@ async def test_half_close_server_first_client_keeps_sending(env: Env) -> None:
     greeting = b"hello, then EOF " * 1000
     rp = await env.rp(2)
     srv = await env.server(servers.half_close_first(env.reactor, greeting))
-    lp = await env.lp(rp.port, 2)
+    lp = await env.lp_client(rp.port, 2)
     rx = lp.open(1, HOST, srv.port)
     # Step 4: the server's FIN arrives after all its data ...
     assert await with_timeout(rx.when_fin(), 10) == (FIN, rx.messages - 1)
@@ -370,7 +274,7 @@ async def test_lp_abort_resets_the_server(env: Env) -> None:
     rp = await env.rp(1)
     watch = await env.server(servers.watch(env.reactor))
     echo = await env.server(servers.echo(env.reactor))
-    lp = await env.lp(rp.port, 1)
+    lp = await env.lp_client(rp.port, 1)
     rx = lp.open(1, HOST, watch.port)
     lp.send(1, b"x" * 1000)
     proto = await with_timeout(watch.connection(0), 5)
@@ -379,7 +283,7 @@ async def test_lp_abort_resets_the_server(env: Env) -> None:
     assert was_reset(await with_timeout(proto.lost.wait(), 5)), "the server saw an orderly close, not a reset"
     # A round trip on the same (single, ordered) pipe: had the RP answered the
     # 0x99 with a FIN of its own, it would have arrived before this echo.
-    await echo_round_trip(lp, 2, echo.port, b"barrier")
+    await echo_over_pipes(lp, 2, echo.port, b"barrier")
     assert rx.messages == 0 and not rx.fin_event.fired
     await until(lambda: forgotten(rp), 5, "the RP to forget the connections")
     assert rp.stats.ended_by == {"rst": 1, "fin": 1}
@@ -393,7 +297,7 @@ async def test_closing_one_pipe_ends_the_session_and_a_new_set_works(env: Env) -
     rp = await env.rp(2)
     watch = await env.server(servers.watch(env.reactor))
     echo = await env.server(servers.echo(env.reactor))
-    lp1 = await env.lp(rp.port, 2)
+    lp1 = await env.lp_client(rp.port, 2)
     for cid in range(3):
         lp1.open(cid, HOST, watch.port)
         lp1.send(cid, b"hi")
@@ -405,8 +309,8 @@ async def test_closing_one_pipe_ends_the_session_and_a_new_set_works(env: Env) -
     assert rp.stats.sessions_ended == 1 and rp.session is None
     assert rp.stats.ended_by == {"session-lost": 3}
 
-    lp2 = await env.lp(rp.port, 2)
-    await echo_round_trip(lp2, 0, echo.port, Pattern(10).bytes(100_000))
+    lp2 = await env.lp_client(rp.port, 2)
+    await echo_over_pipes(lp2, 0, echo.port, Pattern(10).bytes(100_000))
     assert rp.stats.sessions == 2 and rp.session is not None
 
 
@@ -415,17 +319,17 @@ async def test_newer_complete_set_replaces_a_live_session(env: Env) -> None:
     rp = await env.rp(2)
     watch = await env.server(servers.watch(env.reactor))
     echo = await env.server(servers.echo(env.reactor))
-    lp1 = await env.lp(rp.port, 2)
-    await echo_round_trip(lp1, 5, echo.port, b"old session works")
+    lp1 = await env.lp_client(rp.port, 2)
+    await echo_over_pipes(lp1, 5, echo.port, b"old session works")
     lp1.open(1, HOST, watch.port)
     proto = await with_timeout(watch.connection(0), 5)
     first = rp.session
 
-    lp2 = await env.lp(rp.port, 2)
+    lp2 = await env.lp_client(rp.port, 2)
     await with_timeout(lp1.all_closed(), 5)
     assert was_reset(await with_timeout(proto.lost.wait(), 5))
     assert first.ended and rp.session is not first
-    await echo_round_trip(lp2, 5, echo.port, b"new session works")
+    await echo_over_pipes(lp2, 5, echo.port, b"new session works")
     assert rp.stats.sessions == 2 and rp.stats.sessions_ended == 1
 
 
@@ -433,7 +337,7 @@ async def test_newer_complete_set_replaces_a_live_session(env: Env) -> None:
 async def test_protocol_error_closes_the_pipes_and_a_new_session_works(env: Env) -> None:
     rp = await env.rp(2)
     echo = await env.server(servers.echo(env.reactor))
-    lp1 = await env.lp(rp.port, 2)
+    lp1 = await env.lp_client(rp.port, 2)
     rx = lp1.open(1, HOST, echo.port, pipe=0)
     lp1.send(1, b"ping", pipe=0)
     await with_timeout(rx.when_received(4), 5)
@@ -453,8 +357,8 @@ async def test_protocol_error_closes_the_pipes_and_a_new_session_works(env: Env)
     assert f"offset {offset}" in line[0]
     assert bad.hex(" ") in line[0]
 
-    lp2 = await env.lp(rp.port, 2)
-    await echo_round_trip(lp2, 1, echo.port, b"after the error")
+    lp2 = await env.lp_client(rp.port, 2)
+    await echo_over_pipes(lp2, 1, echo.port, b"after the error")
     assert rp.stats.sessions == 2
 
 
@@ -490,7 +394,7 @@ async def test_protocol_errors_end_the_session(env: Env, case: str) -> None:
     # A 1 MiB window allows 131072 messages of lead: seq 200000 is past it.
     rp = await env.rp(2, "--reorder-window", "1MiB")
     echo = await env.server(servers.echo(env.reactor))
-    lp = await env.lp(rp.port, 2)
+    lp = await env.lp_client(rp.port, 2)
     messages = build(echo.port)
     offset = sum(map(len, messages[:-1]))
     lp.send_raw(1, b"".join(messages))
@@ -500,8 +404,8 @@ async def test_protocol_errors_end_the_session(env: Env, case: str) -> None:
     assert len(lines) == 1, env.logged()
     assert words in lines[0] and f"at offset {offset}:" in lines[0], lines[0]
     assert messages[-1][:8].hex(" ") in lines[0], lines[0]
-    lp2 = await env.lp(rp.port, 2)
-    await echo_round_trip(lp2, 7, echo.port, b"the daemon lives on")
+    lp2 = await env.lp_client(rp.port, 2)
+    await echo_over_pipes(lp2, 7, echo.port, b"the daemon lives on")
 
 
 @pytest_twisted.ensureDeferred
@@ -509,7 +413,7 @@ async def test_bytes_sent_before_the_set_is_complete_are_kept(env: Env) -> None:
     rp = await env.rp(3)
     echo = await env.server(servers.echo(env.reactor))
     lp = LPClient(env.reactor, rp.port, 3)
-    env.lps.append(lp)
+    env.lp_clients.append(lp)
     # A pending pipe that closes leaves the set.
     await with_timeout(lp.connect_pipe(), 5)
     await until(lambda: len(rp.service.pipe_factory.pending) == 1, 5, "a pending pipe")
@@ -538,7 +442,7 @@ async def test_max_payload_65525(env: Env) -> None:
     size = 3 * MiB + 12345
     rp = await env.rp(2, "--max-payload", "65525")
     src = await env.server(servers.source(env.reactor, size, seed=15))
-    lp = await env.lp(rp.port, 2, max_payload=65525, max_rx_payload=65525)
+    lp = await env.lp_client(rp.port, 2, max_payload=65525, max_rx_payload=65525)
     rx = lp.open(1, HOST, src.port)
     assert await with_timeout(rx.when_fin(), 20) == (FIN, rx.messages - 1)
     assert bytes(rx.data) == Pattern(15).bytes(size)
@@ -559,7 +463,7 @@ async def test_download_backpressure_bounds_what_the_rp_reads(env: Env) -> None:
     size = 64 * MiB
     rp = await env.rp(2)
     src = await env.server(servers.source(env.reactor, size, seed=11, sndbuf=64 * KiB))
-    lp = await env.lp(rp.port, 2, rcvbuf=64 * KiB)
+    lp = await env.lp_client(rp.port, 2, rcvbuf=64 * KiB)
     lp.pause_reading()
     rx = lp.open(1, HOST, src.port, streaming=True)
     proto = await with_timeout(src.connection(0), 5)
@@ -600,7 +504,7 @@ async def test_upload_backpressure_pauses_the_pipes(env: Env) -> None:
     limit = 1 * MiB
     rp = await env.rp(2, "--conn-queue", "1MiB")
     srv = await env.server(servers.never_read(env.reactor, rcvbuf=64 * KiB))
-    lp = await env.lp(rp.port, 2)
+    lp = await env.lp_client(rp.port, 2)
     rx = lp.open(1, HOST, srv.port)
     proto = await with_timeout(srv.connection(0), 5)
     upload = with_timeout(lp.upload(1, Pattern(12).chunks(size)), 60)
@@ -642,7 +546,7 @@ async def test_lp_gone_while_upload_backpressure_has_paused_the_pipes(env: Env) 
     must still notice the LP went away and end the session."""
     rp = await env.rp(2, "--conn-queue", "1MiB")
     srv = await env.server(servers.never_read(env.reactor, rcvbuf=64 * KiB))
-    lp = await env.lp(rp.port, 2)
+    lp = await env.lp_client(rp.port, 2)
     lp.open(1, HOST, srv.port)
     proto = await with_timeout(srv.connection(0), 5)
     upload = defer.ensureDeferred(lp.upload(1, Pattern(12).chunks(20 * MiB)))
@@ -666,8 +570,8 @@ async def drive_daemon(env: Env, proc: Proc) -> None:
     match = await with_timeout(proc.when_output(LISTENING), 30)
     port = int(match.group(1))
     echo = await env.server(servers.echo(env.reactor))
-    lp = await env.lp(port, 2)
-    await echo_round_trip(lp, 1, echo.port, Pattern(13).bytes(200_000))
+    lp = await env.lp_client(port, 2)
+    await echo_over_pipes(lp, 1, echo.port, Pattern(13).bytes(200_000))
     proc.transport.signalProcess("TERM")
     status = await with_timeout(proc.ended.wait(), 15)
     await with_timeout(lp.all_closed(), 5)

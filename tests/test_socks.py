@@ -70,6 +70,7 @@ from tm3.lp.socks import (
     reply,
 )
 from tests.support import processes
+from tests.support.ports import free_port
 from tests.support.waiting import until
 
 reactor: Any = _reactor  # the global reactor, untyped as in Twisted itself
@@ -973,14 +974,6 @@ def rig() -> Iterator[Rig]:
     assert tracker.open == {}, "connections leaked"
     leftover_calls = [c for c in reactor.getDelayedCalls() if c.active()]
     assert leftover_calls == [], "delayed calls leaked"
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening (for "connection refused")."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def curl(*args: str) -> tuple[bytes, bytes, int]:

@@ -59,6 +59,7 @@ from tm3.tools.testproto import (
     pattern_chunks,
 )
 from tm3.tools.testserver import listen_testserver
+from tests.support.ports import free_port
 from tests.support.processes import python_env
 
 reactor: Any = _global_reactor
@@ -344,13 +345,6 @@ async def serving(
         await port.stopListening()
 
 
-async def free_port() -> int:
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
-    number: int = port.getHost().port
-    await port.stopListening()
-    return number
-
-
 class FakeServer(Protocol):
     """Parses requests like the real server, answers with ``respond``."""
 
@@ -525,7 +519,7 @@ async def test_extra_bytes_are_reported(tidy: None) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_connection_refused_is_a_failure_not_a_hang(tidy: None) -> None:
-    port = await free_port()
+    port = free_port()
     started = time.monotonic()
     result = await run_client(reactor, "127.0.0.1", port, 10, 4096, 4096, parallel=4)
     assert time.monotonic() - started < 5

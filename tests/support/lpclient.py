@@ -12,7 +12,9 @@ RP and our LP cannot hide. It gives a test full control over what goes where:
   explicit seqs, so a test can send them in any order on any pipe
   (:meth:`LPClient.take_seq` hands out the numbers);
 - :meth:`LPClient.upload` streams a large upload with backpressure (a producer
-  on every pipe transport; it waits while all pipes are paused).
+  on every pipe transport; it waits while all pipes are paused);
+- :func:`echo_over_pipes` is the round trip to an echo server that many
+  tests use to show a session works.
 
 What the RP sends is reassembled per connection by seq (a dict of early
 messages, nothing more) into an :class:`RxConn`, which keeps the payload or,
@@ -36,7 +38,7 @@ from twisted.python.failure import Failure
 
 from tm3.core import wire
 from tests.support.producers import Pausable
-from tests.support.waiting import Event
+from tests.support.waiting import Event, with_timeout
 
 
 class RxConn:
@@ -398,3 +400,16 @@ class LPClient:
         for i in range(len(self.pipes)):
             self.close_pipe(i, abort=True)
         await self.all_closed()
+
+
+async def echo_over_pipes(lp: LPClient, conn_id: int, port: int, data: bytes, timeout: float = 10) -> RxConn:
+    """The test LP's echo round trip to the echo server at 127.0.0.1:``port``:
+    SYN, DATA and FIN on ``conn_id``; checks that the echo came back whole,
+    then the RP's FIN 0x88."""
+    rx = lp.open(conn_id, "127.0.0.1", port)
+    lp.send(conn_id, data)
+    lp.fin(conn_id)
+    reason, seq = await with_timeout(rx.when_fin(), timeout)
+    assert bytes(rx.data) == data
+    assert (reason, seq) == (wire.REASON_FIN, rx.messages - 1)
+    return rx

@@ -374,27 +374,3 @@ def half_close_first(reactor: Any, greeting: bytes) -> TestServer:
 
 def watch(reactor: Any) -> TestServer:
     return TestServer(reactor, TrackedProtocol)
-
-
-class RP:
-    """An in-process RP service (``tm3.rp.tap.makeService``) and its port."""
-
-    def __init__(self, service: Any, port: int) -> None:
-        self.service = service
-        self.port = port
-        self.stopped = False
-
-    @property
-    def stats(self) -> Any:
-        return self.service.multiplexer.stats
-
-    @property
-    def session(self) -> Any:
-        return self.service.multiplexer.session
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            from twisted.internet import reactor
-
-            await defer.maybeDeferred(self.service.stopService).addTimeout(10, reactor)
