@@ -42,8 +42,6 @@ from zope.interface import implementer
 with warnings.catch_warnings():  # twisted.web.static warns about itself on import
     warnings.simplefilter("ignore", DeprecationWarning)
     from twisted.web.static import File
-from tm3.tools.testclient import run_client
-from tm3.tools import testserver
 from tests.support import servers
 from tests.support.clients import (
     ATYP_IPV6,
@@ -61,6 +59,8 @@ from tests.support.processes import curl
 from tests.support.producers import PatternWriter
 from tests.support.servers import EchoProtocol, was_reset
 from tests.support.waiting import sleep, steady, until, within
+from tm3.tools import testserver
+from tm3.tools.testclient import run_client
 
 KiB = 1024
 MiB = 1024 * 1024

@@ -23,7 +23,6 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.logger import formatEvent
 
-from tm3.core import wire
 from tests.support import servers
 from tests.support.env import Env
 from tests.support.lpclient import LPClient, echo_over_pipes
@@ -33,6 +32,7 @@ from tests.support.processes import LISTENING, REPO_ROOT, TWISTD, Proc
 from tests.support.proxies import RP
 from tests.support.servers import twisted_buffered, was_reset
 from tests.support.waiting import steady, until, with_timeout
+from tm3.core import wire
 
 KiB = 1024
 MiB = 1024 * 1024

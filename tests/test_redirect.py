@@ -25,6 +25,9 @@ from twisted.internet import threads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
+from tests.support.netns import TM3Topology, Topology
+from tests.support.processes import python_env
+from tests.support.threadserver import ThreadServer
 from tm3.lp import origdst, redirect
 from tm3.lp.redirect import (
     EXIT_FAILED,
@@ -42,9 +45,6 @@ from tm3.lp.redirect import (
     installed_rules,
     make_config,
 )
-from tests.support.netns import TM3Topology, Topology
-from tests.support.processes import python_env
-from tests.support.threadserver import ThreadServer
 
 RP = "10.77.1.1"
 

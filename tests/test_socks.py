@@ -45,6 +45,9 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tests.support import processes
+from tests.support.ports import free_port
+from tests.support.waiting import until
 from tm3.lp import socks
 from tm3.lp.socks import (
     ADDRESS_TYPE_NOT_SUPPORTED,
@@ -69,9 +72,6 @@ from tm3.lp.socks import (
     SocksError,
     reply,
 )
-from tests.support import processes
-from tests.support.ports import free_port
-from tests.support.waiting import until
 
 reactor: Any = _reactor  # the global reactor, untyped as in Twisted itself
 

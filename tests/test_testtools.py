@@ -38,6 +38,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from tests.support.ports import free_port
+from tests.support.processes import python_env
 from tm3.tools import testclient, testserver
 from tm3.tools.testclient import ClientResult, run_client, split_requests
 from tm3.tools.testproto import (
@@ -59,8 +61,6 @@ from tm3.tools.testproto import (
     pattern_chunks,
 )
 from tm3.tools.testserver import listen_testserver
-from tests.support.ports import free_port
-from tests.support.processes import python_env
 
 reactor: Any = _global_reactor
 MiB = 1024 * 1024

@@ -28,8 +28,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tm3.lp import tap as lp_tap
-from tm3.rp import tap as rp_tap
 from tests.support.clients import REP_SUCCEEDED, Client, socks_ipv4
 from tests.support.lpclient import LPClient
 from tests.support.ports import HOST, refusing_socket
@@ -37,6 +35,8 @@ from tests.support.processes import Proc, spawn
 from tests.support.proxies import LP, RP
 from tests.support.servers import TestServer, was_reset
 from tests.support.waiting import reactor, until, within
+from tm3.lp import tap as lp_tap
+from tm3.rp import tap as rp_tap
 
 
 class Env:
@@ -182,7 +182,7 @@ class Env:
         async def step(d: Any, seconds: float, what: str) -> None:
             try:
                 await within(d, seconds, what)
-            except BaseException as e:  # noqa: BLE001  # reported below, after the other steps
+            except BaseException as e:  # reported below, after the other steps
                 problems.append(e)
 
         for client in self.clients:
@@ -210,7 +210,9 @@ class Env:
         r = self.reactor
         # Not through step(): its own timeout would be a pending delayed call.
         try:
-            await until(lambda: not (set(r.getReaders()) | set(r.getWriters())) - self.fds, 5, "every socket to be closed")
+            await until(
+                lambda: not (set(r.getReaders()) | set(r.getWriters())) - self.fds, 5, "every socket to be closed"
+            )
             await until(lambda: not self.new_calls(), 5, "no delayed call left pending")
         except AssertionError as e:
             problems.append(AssertionError(f"{e}: {self.new_calls()}"))

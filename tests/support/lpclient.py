@@ -36,9 +36,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from tm3.core import wire
 from tests.support.producers import Pausable
 from tests.support.waiting import Event, with_timeout
+from tm3.core import wire
 
 
 class RxConn:

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tests.support.pattern import Pattern
-from tests.support.producers import Pausable, PatternWriter
+from tests.support.producers import PatternWriter, Pausable
 from tests.support.waiting import Event
 
 
