@@ -56,7 +56,7 @@ from tests.support.env import Env
 from tests.support.pattern import Pattern
 from tests.support.ports import HOST
 from tests.support.processes import curl
-from tests.support.producers import PatternWriter
+from tests.support.producers import PatternProducer
 from tests.support.servers import EchoProtocol, was_reset
 from tests.support.waiting import sleep, steady, until, within
 from tm3.tools import testserver
@@ -258,7 +258,7 @@ async def test_server_that_stops_reading_holds_back_the_client(env: Env, pipes: 
     srv = await env.server(servers.never_read(env.reactor))
     rp, lp = await env.system(pipes, [srv.port])
     client = await env.open(lp, mode, srv.port)
-    writer = PatternWriter(client.transport, size, seed=6)
+    writer = PatternProducer(client.transport, size, seed=6)
     proto = await within(srv.connection(0), 5, "the server's connection")
 
     def sample() -> tuple[int, int]:
@@ -524,7 +524,7 @@ async def test_server_resets_while_the_client_uploads(env: Env, pipes: int) -> N
     srv = await env.server(servers.reset_after(env.reactor, k, seed=3))
     rp, lp = await env.system(pipes, [srv.port])
     client = await env.open(lp, "forward", srv.port)
-    PatternWriter(client.transport, 64 * MiB, seed=7)
+    PatternProducer(client.transport, 64 * MiB, seed=7)
     reason = await within(client.lost.wait(), 20, "the reset")
     assert was_reset(reason), reason
     assert client.data == Pattern(3).bytes(k)

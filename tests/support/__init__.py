@@ -8,7 +8,7 @@ fixtures to tests by name.
   ``within``, ``with_timeout``: every wait bounded and named.
 - :mod:`~tests.support.pattern`: ``Pattern``, the deterministic test bytes.
 - :mod:`~tests.support.producers`: ``Pausable`` (pause/resume bookkeeping),
-  ``PatternWriter`` (pattern bytes into a transport as fast as it takes them).
+  ``PatternProducer`` (pattern bytes into a transport as fast as it takes them).
 - :mod:`~tests.support.servers`: real Twisted TCP servers on 127.0.0.1 whose
   connections are tracked (echo, source, sink, reset, never-read, ...).
 - :mod:`~tests.support.threadserver`: a blocking TCP server in a thread.

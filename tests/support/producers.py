@@ -4,9 +4,13 @@
   ``pauses``, pause and resume idempotent, because transports do call them
   twice); a subclass acts in :meth:`Pausable.on_pause` and
   :meth:`Pausable.on_resume`.
-- :class:`PatternWriter`: writes ``size`` :class:`~tests.support.pattern.Pattern`
-  bytes into a transport as fast as it takes them: a source server's
-  download, a client's upload.
+- :class:`PatternProducer`: writes ``size`` bytes of
+  :class:`~tests.support.pattern.Pattern` into a transport as fast as it
+  takes them: a source server's download, a client's upload.
+
+They are the tests' own on purpose, not :class:`tm3.mux.flow.WriteGate` or
+:class:`tm3.tools.streaming.PatternWriter`: what checks the proxies must not
+share their flow-control code.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class Pausable:
         pass
 
 
-class PatternWriter(Pausable):
+class PatternProducer(Pausable):
     """Writes ``size`` bytes of ``Pattern(seed)`` into ``transport`` as fast as
     it takes them (registered as its streaming producer from the start), then
     unregisters; ``done`` fires then. ``written`` counts what it has handed

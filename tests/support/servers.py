@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tests.support.pattern import Pattern
-from tests.support.producers import PatternWriter, Pausable
+from tests.support.producers import PatternProducer, Pausable
 from tests.support.waiting import Event
 
 
@@ -126,20 +126,20 @@ class EchoProtocol(TrackedProtocol):
 @implementer(IHalfCloseableProtocol)
 class SourceProtocol(TrackedProtocol):
     """Writes ``size`` pattern bytes as fast as the transport takes them
-    (a :class:`PatternWriter`), then closes in order."""
+    (a :class:`PatternProducer`), then closes in order."""
 
     def __init__(self, size: int, seed: int = 1, sndbuf: int | None = None) -> None:
         super().__init__()
         self.size = size
         self.seed = seed
         self.sndbuf = sndbuf
-        self.writer: PatternWriter | None = None
+        self.writer: PatternProducer | None = None
 
     def connectionMade(self) -> None:
         if self.sndbuf is not None:
             self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         super().connectionMade()
-        self.writer = PatternWriter(self.transport, self.size, self.seed)
+        self.writer = PatternProducer(self.transport, self.size, self.seed)
         self.writer.done.wait().addCallback(lambda _: self.transport.loseConnection())
 
     @property
