@@ -79,13 +79,10 @@ class NetnsError(RuntimeError):
 
 
 def _run(argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, check=False
-    )
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise NetnsError(
-            f"`{' '.join(argv)}` failed (exit {done.returncode}): "
-            f"{done.stderr.strip() or done.stdout.strip()}"
+            f"`{' '.join(argv)}` failed (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
         )
     return done
 
@@ -115,8 +112,7 @@ def _probe() -> str | None:
         for name in names:
             _run(["ip", "netns", "add", name])
             made.append(name)
-        _run(["ip", "link", "add", "p0", "netns", names[0],
-              "type", "veth", "peer", "name", "p1", "netns", names[1]])
+        _run(["ip", "link", "add", "p0", "netns", names[0], "type", "veth", "peer", "name", "p1", "netns", names[1]])
         _run(["ip", "netns", "exec", names[0], "iptables", "-w", "10", "-t", "nat", "-S"])
     except (NetnsError, OSError, subprocess.TimeoutExpired) as e:
         return f"cannot build network namespaces here: {e}"
@@ -207,9 +203,7 @@ class Host:
 
         :raises NetnsError: if ``check`` and the command exits non-zero.
         """
-        return self.topology.run(
-            self, argv, check=check, timeout=timeout, input=input, env=env
-        )
+        return self.topology.run(self, argv, check=check, timeout=timeout, input=input, env=env)
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
         """Start ``argv`` inside this host; killed at teardown if still running."""
@@ -221,15 +215,11 @@ class Host:
         """Run ``fn`` on a thread inside this host's namespace; return its result."""
         return _call_in_netns(self.netns, fn)
 
-    def make_socket(
-        self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
-    ) -> socket.socket:
+    def make_socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         """A new socket living in this host's network namespace."""
         return self.call(lambda: socket.socket(family, type))
 
-    def listen(
-        self, port: int, address: str = "0.0.0.0", backlog: int = 16
-    ) -> socket.socket:
+    def listen(self, port: int, address: str = "0.0.0.0", backlog: int = 16) -> socket.socket:
         """A TCP socket listening on ``address:port`` inside this host.
 
         To serve it from the test's reactor (which stays in the root
@@ -259,9 +249,7 @@ class Host:
             raise
         return sock
 
-    def wait_for_port(
-        self, port: int, address: str = "127.0.0.1", timeout: float = 10
-    ) -> None:
+    def wait_for_port(self, port: int, address: str = "127.0.0.1", timeout: float = 10) -> None:
         """Poll until something inside this host accepts on ``address:port``."""
         deadline = time.monotonic() + timeout
         last: OSError | None = None
@@ -273,8 +261,7 @@ class Host:
                 last = e
                 time.sleep(0.05)
         raise TimeoutError(
-            f"nothing listening on {address}:{port} in {self.name} after "
-            f"{timeout}s (last error: {last})"
+            f"nothing listening on {address}:{port} in {self.name} after {timeout}s (last error: {last})"
         )
 
     # -- addressing -------------------------------------------------------
@@ -388,8 +375,7 @@ class Topology:
             if ipaddress.IPv4Address(ip) not in network:
                 raise ValueError(f"{ip} is not in {network}")
         if_a, if_b = ha.allocate_iface(), hb.allocate_iface()
-        _run(["ip", "link", "add", if_a, "netns", ha.netns,
-              "type", "veth", "peer", "name", if_b, "netns", hb.netns])
+        _run(["ip", "link", "add", if_a, "netns", ha.netns, "type", "veth", "peer", "name", if_b, "netns", hb.netns])
         for host, iface, ip in ((ha, if_a, ip_a), (hb, if_b, ip_b)):
             self.run(host, ["ip", "addr", "add", f"{ip}/{network.prefixlen}", "dev", iface])
             self.run(host, ["ip", "link", "set", iface, "up"])
@@ -446,9 +432,7 @@ class Topology:
             )
         return done
 
-    def popen(
-        self, host: Host | str, argv: Sequence[str], **kwargs: Any
-    ) -> subprocess.Popen[str]:
+    def popen(self, host: Host | str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
         """Start ``argv`` inside ``host``; killed at :meth:`close` if still running.
 
         Defaults: text mode, stdout and stderr piped, the checkout on
@@ -484,7 +468,9 @@ class Topology:
             # `ip netns del` while it runs.
             pids = subprocess.run(
                 ["ip", "netns", "pids", host.netns],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             ).stdout.split()
             for pid in pids:
                 try:
@@ -493,7 +479,9 @@ class Topology:
                     pass
             done = subprocess.run(
                 ["ip", "netns", "del", host.netns],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if done.returncode != 0 and (_NETNS_RUN_DIR / host.netns).exists():
                 errors.append(f"{host.netns}: {done.stderr.strip()}")
