@@ -16,12 +16,12 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from rp_harness import PipeTransport, Reactor, ServerTransport
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 
+from tests.rp_harness import PipeTransport, Reactor, ServerTransport
 from tm3.core import wire
 from tm3.lp.clients import ClientConnection, forward_factory, socks_factory
 from tm3.lp.role import LocalRole

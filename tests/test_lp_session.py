@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from lp_harness import LP, RP_HOST, RP_PORT, TARGET
-from rp_harness import LogCapture
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from tests.lp_harness import LP, RP_HOST, RP_PORT, TARGET
+from tests.rp_harness import LogCapture
 from tm3.core.ids import IdAllocator
 from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Message, Syn, encode_data, encode_syn
