@@ -123,7 +123,9 @@ class Proxy:
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited with status {self.proc.returncode}; see {self.out_path} and {self.log_path}")
+            raise BenchError(
+                f"{self.name} exited with status {self.proc.returncode}; see {self.out_path} and {self.log_path}"
+            )
 
     def sample(self) -> dict[str, float]:
         self.check_alive()
@@ -165,14 +167,24 @@ async def wait_for_log(proxy: Proxy, pattern: str, timeout: float, count: int = 
         if len(matches) >= count:
             return matches
         if time.monotonic() > deadline:
-            raise BenchError(f"{proxy.name}: {count} x {pattern!r} not in its log after {timeout:.0f} s (found {len(matches)})")
+            raise BenchError(
+                f"{proxy.name}: {count} x {pattern!r} not in its log after {timeout:.0f} s (found {len(matches)})"
+            )
         await asyncio.sleep(0.1)
 
 
 def kernel_counters() -> dict[str, int]:
     """Loopback trouble signs: SYNs dropped on a full accept queue, retransmits."""
     out: dict[str, int] = {}
-    ext = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "SyncookiesSent", "TCPSynRetrans", "TCPTimeouts", "TCPLossProbes")
+    ext = (
+        "ListenOverflows",
+        "ListenDrops",
+        "TCPReqQFullDrop",
+        "SyncookiesSent",
+        "TCPSynRetrans",
+        "TCPTimeouts",
+        "TCPLossProbes",
+    )
     for path, wanted in (("/proc/net/netstat", ext), ("/proc/net/snmp", ("RetransSegs",))):
         with open(path) as f:
             lines = f.read().splitlines()
@@ -345,7 +357,9 @@ class Phase:
         try:
             await asyncio.wait_for(asyncio.shield(self.done), timeout)
         except TimeoutError:
-            raise BenchError(f"phase {self.name!r}: {self.left} connections still not done after {timeout:.0f} s") from None
+            raise BenchError(
+                f"phase {self.name!r}: {self.left} connections still not done after {timeout:.0f} s"
+            ) from None
 
 
 class Bench:
@@ -432,7 +446,13 @@ async def run(args: argparse.Namespace, workdir: str, proxies: list[Proxy], echo
         os.makedirs(args.profile, exist_ok=True)
         return ["--profile", os.path.join(args.profile, f"{name}.prof"), "--profiler", "cprofile", "--savestats"]
 
-    rp = Proxy("rp", twistd, [*profile("rp"), "tm3rp", "--pipes", str(args.pipes), "--listen", "tcp:0:interface=127.0.0.1"], workdir, args.nofile)
+    rp = Proxy(
+        "rp",
+        twistd,
+        [*profile("rp"), "tm3rp", "--pipes", str(args.pipes), "--listen", "tcp:0:interface=127.0.0.1"],
+        workdir,
+        args.nofile,
+    )
     proxies.append(rp)
     (m,) = await wait_for_log(rp, LISTENING.pattern, 30)
     rp_port = int(m.group(1))
@@ -584,14 +604,21 @@ async def run(args: argparse.Namespace, workdir: str, proxies: list[Proxy], echo
     counters1 = kernel_counters()
 
     # -- report -------------------------------------------------------------
-    print(f"\ntotal time {t_total:.2f} s for {args.rounds} round(s), settling included; connection failures: {len(bench.failed)}")
+    print(
+        f"\ntotal time {t_total:.2f} s for {args.rounds} round(s), settling included; connection failures: {len(bench.failed)}"
+    )
     for line in bench.failures:
         print(f"  ! {line}")
     labels = list(samples)
     width = max(11, *(len(x) + 1 for x in labels))
     print("\n" + " " * 18 + "".join(f"{x:>{width}}" for x in labels))
     for who in ("rp", "lp"):
-        for key, unit, f in (("VmRSS", "RSS MiB", "{:.1f}"), ("VmHWM", "peak RSS MiB", "{:.1f}"), ("fds", "open fds", "{:.0f}"), ("cpu", "CPU s", "{:.1f}")):
+        for key, unit, f in (
+            ("VmRSS", "RSS MiB", "{:.1f}"),
+            ("VmHWM", "peak RSS MiB", "{:.1f}"),
+            ("fds", "open fds", "{:.0f}"),
+            ("cpu", "CPU s", "{:.1f}"),
+        ):
             print(f"{who.upper()} {unit:<14}" + "".join(f"{f.format(samples[x][who][key]):>{width}}" for x in labels))
     for who in ("client", "echo"):
         print(f"{who + ' CPU s':<17} " + "".join(f"{samples[x][who]['cpu']:>{width}.1f}" for x in labels))
@@ -599,7 +626,9 @@ async def run(args: argparse.Namespace, workdir: str, proxies: list[Proxy], echo
     for who in ("rp", "lp"):
         per_open = (samples["r1 open"][who]["VmRSS"] - idle[who]["VmRSS"]) * 1024 / n
         per_ex = (samples["r1 exchanged"][who]["VmRSS"] - idle[who]["VmRSS"]) * 1024 / n
-        after = " / ".join(f"{samples[f'r{r} closed'][who]['VmRSS'] - idle[who]['VmRSS']:+.1f}" for r in range(1, args.rounds + 1))
+        after = " / ".join(
+            f"{samples[f'r{r} closed'][who]['VmRSS'] - idle[who]['VmRSS']:+.1f}" for r in range(1, args.rounds + 1)
+        )
         print(
             f"{who.upper()}: {per_open:.2f} KiB RSS per open connection ({per_ex:.2f} KiB after the exchange);"
             f" RSS after each round vs idle: {after} MiB"
@@ -617,7 +646,11 @@ async def run(args: argparse.Namespace, workdir: str, proxies: list[Proxy], echo
     for proxy in (rp, lp):
         text = proxy.log_text()
         counts = {name: len(re.findall(p, text)) for name, p in patterns}
-        print(f"  {proxy.name.upper()}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" ({text.count(chr(10))} lines)")
+        print(
+            f"  {proxy.name.upper()}: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f" ({text.count(chr(10))} lines)"
+        )
         if counts["ended: fin"] != ended_expected or counts["ended: (any)"] != ended_expected:
             ok = False
         if counts["protocol error"] or counts["Traceback/Unhandled"] or counts["session lost"]:
@@ -629,19 +662,37 @@ async def run(args: argparse.Namespace, workdir: str, proxies: list[Proxy], echo
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--connections", "-n", type=int, default=10_000, help="concurrent connections (default 10000)")
     p.add_argument("--rounds", type=int, default=2, help="open/exchange/close cycles on the same proxies (default 2)")
-    p.add_argument("--payload", type=int, default=4096, help="bytes each connection echoes in the exchange (default 4096)")
+    p.add_argument(
+        "--payload", type=int, default=4096, help="bytes each connection echoes in the exchange (default 4096)"
+    )
     p.add_argument("--pipes", type=int, default=4)
-    p.add_argument("--connect-window", type=int, default=256, help="connections opening at once: connected, hello not back yet (default 256)")
-    p.add_argument("--lp-backlog", type=int, default=1024, help="listen backlog of the LP forward endpoint (default 1024; 0: Twisted default, 50)")
-    p.add_argument("--ping-sample", type=int, default=200, help="connections pinged one at a time with all open (default 200)")
+    p.add_argument(
+        "--connect-window",
+        type=int,
+        default=256,
+        help="connections opening at once: connected, hello not back yet (default 256)",
+    )
+    p.add_argument(
+        "--lp-backlog",
+        type=int,
+        default=1024,
+        help="listen backlog of the LP forward endpoint (default 1024; 0: Twisted default, 50)",
+    )
+    p.add_argument(
+        "--ping-sample", type=int, default=200, help="connections pinged one at a time with all open (default 200)"
+    )
     p.add_argument("--phase-timeout", type=float, default=0, help="seconds per phase (default 60 + N/100)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait before the idle and after-close samples")
     p.add_argument("--nofile", type=int, default=NOFILE, help="RLIMIT_NOFILE for this process and the proxies")
     p.add_argument("--twistd", default=None, help="twistd to run (default: the one beside this Python)")
-    p.add_argument("--profile", metavar="DIR", help="run RP and LP under cProfile; pstats files DIR/rp.prof, DIR/lp.prof")
+    p.add_argument(
+        "--profile", metavar="DIR", help="run RP and LP under cProfile; pstats files DIR/rp.prof, DIR/lp.prof"
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the proxies' logs (always kept on failure)")
     args = p.parse_args()
     if args.connections < 1 or args.rounds < 1:

@@ -62,8 +62,27 @@ def set_loss(t: TM3Topology, percent: float) -> None:
         # A target-less rule first, so its counter is every tcp packet on the link.
         c.run(["iptables", "-w", "10", "-A", chain, flag, iface, "-p", "tcp"])
         if percent > 0:
-            c.run(["iptables", "-w", "10", "-A", chain, flag, iface, "-p", "tcp",
-                   "-m", "statistic", "--mode", "random", "--probability", p, "-j", "DROP"])
+            c.run(
+                [
+                    "iptables",
+                    "-w",
+                    "10",
+                    "-A",
+                    chain,
+                    flag,
+                    iface,
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    p,
+                    "-j",
+                    "DROP",
+                ]
+            )
 
 
 def read_counters(t: TM3Topology) -> tuple[int, int]:
@@ -84,14 +103,26 @@ def read_counters(t: TM3Topology) -> tuple[int, int]:
 def set_rate(t: TM3Topology, rate: str) -> None:
     """tbf on both ends of the client<->rp link (each end shapes its egress)."""
     for host, iface in ((t.client, t.client_iface), (t.rp, t.rp.iface_towards(t.client))):
-        host.run(["tc", "qdisc", "replace", "dev", iface, "root", "tbf",
-                  "rate", rate, "burst", "64kb", "latency", "50ms"])
+        host.run(
+            ["tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"]
+        )
 
 
 def run_client(host: Host, target: str, port: int, workload: str, timeout: float) -> dict[str, object]:
     count, req, resp, par = WORKLOADS[workload]
-    argv = host.python_argv("-m", "tm3.tools.testclient", target, str(port), str(count), str(req),
-                            str(resp), "--parallel", str(par), "--timeout", str(timeout))
+    argv = host.python_argv(
+        "-m",
+        "tm3.tools.testclient",
+        target,
+        str(port),
+        str(count),
+        str(req),
+        str(resp),
+        "--parallel",
+        str(par),
+        "--timeout",
+        str(timeout),
+    )
     try:
         done = host.run(argv, check=False, timeout=timeout + 15)
         out = done.stdout + done.stderr
@@ -114,14 +145,41 @@ def run_client(host: Host, target: str, port: int, workload: str, timeout: float
 
 def start_tm3(t: TM3Topology, pipes: int, logdir: Path) -> list[subprocess.Popen[str]]:
     rp_log, lp_log = logdir / f"rp-{pipes}.log", logdir / f"lp-{pipes}.log"
-    rp = t.rp.popen([TWISTD, "-n", "--pidfile=", "-l", str(rp_log), "tm3rp", "--pipes", str(pipes),
-                     "--listen", f"tcp:{RP_PORT}:interface={t.rp_ip}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rp = t.rp.popen(
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "-l",
+            str(rp_log),
+            "tm3rp",
+            "--pipes",
+            str(pipes),
+            "--listen",
+            f"tcp:{RP_PORT}:interface={t.rp_ip}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t.rp.wait_for_port(RP_PORT, t.rp_ip, timeout=15)
-    lp = t.client.popen([TWISTD, "-n", "--pidfile=", "-l", str(lp_log), "tm3lp",
-                         "--remote", f"{t.rp_ip}:{RP_PORT}", "--pipes", str(pipes),
-                         "--forward", f"tcp:{LP_PORT}:interface=127.0.0.1:{t.server_ip}:{SERVER_PORT}"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lp = t.client.popen(
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "-l",
+            str(lp_log),
+            "tm3lp",
+            "--remote",
+            f"{t.rp_ip}:{RP_PORT}",
+            "--pipes",
+            str(pipes),
+            "--forward",
+            f"tcp:{LP_PORT}:interface=127.0.0.1:{t.server_ip}:{SERVER_PORT}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t.client.wait_for_port(LP_PORT, timeout=15)
     return [rp, lp]
 
@@ -175,9 +233,11 @@ def main() -> int:
         t = build_tm3_topology(topo)
         if args.rate != "none":
             set_rate(t, args.rate)
-        t.server.popen(t.server.python_argv("-m", "tm3.tools.testserver", str(SERVER_PORT),
-                                            "--interface", t.server_ip),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t.server.popen(
+            t.server.python_argv("-m", "tm3.tools.testserver", str(SERVER_PORT), "--interface", t.server_ip),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         t.server.wait_for_port(SERVER_PORT, t.server_ip, timeout=15)
 
         paths: list[tuple[str, int | None]] = [("direct", None)] + [(f"tm3 {n}p", n) for n in args.pipes]
@@ -199,8 +259,11 @@ def main() -> int:
                         seen, dropped = read_counters(t)
                         r["drop"] = f"{dropped}/{seen}"
                         results[(name, loss, wl)] = r
-                        print(f"  [{time.monotonic() - started:5.0f}s] {name:7} loss {loss:4}% {wl:5}: {fmt(r, wl)}",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"  [{time.monotonic() - started:5.0f}s] {name:7} loss {loss:4}% {wl:5}: {fmt(r, wl)}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         if pipes is not None and any(p.poll() is not None for p in procs):
                             print(f"  {name}: a proxy exited; logs in {logdir}", file=sys.stderr)
                             break
@@ -209,9 +272,11 @@ def main() -> int:
                 stop(procs)
 
     print()
-    print(f"TM3 under loss on the client<->rp link (drop each way; tbf {args.rate}); "
-          f"latency in ms per request; "
-          f"drop = tcp packets dropped / seen on the link")
+    print(
+        f"TM3 under loss on the client<->rp link (drop each way; tbf {args.rate}); "
+        f"latency in ms per request; "
+        f"drop = tcp packets dropped / seen on the link"
+    )
     for wl in args.workloads:
         count, req, resp, par = WORKLOADS[wl]
         print(f"\n{wl}: {count} x {req}/{resp} bytes, --parallel {par}")

@@ -1,4 +1,4 @@
-"""Shared pytest setup: the fixtures tests find by name, and one bridge.
+"""Shared pytest setup: the fixtures tests find by name.
 
 The helpers themselves live in :mod:`tests.support`; this file only hands
 them to tests as fixtures.
@@ -6,21 +6,22 @@ them to tests as fixtures.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_twisted
 
-from tests import rp_harness
 from tests.support.env import Env
+from tests.support.logs import LogCapture
 from tests.support.netns import TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason
 
-# test_session.py still imports its harness by the bare name it had before
-# tests/ became a package (both files are being rewritten elsewhere). Alias
-# the module instead of putting tests/ on sys.path; drop this line once
-# test_session.py imports tests.rp_harness.
-sys.modules.setdefault("rp_harness", rp_harness)
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Every log event while the test runs."""
+    capture = LogCapture().start()
+    yield capture
+    capture.stop()
 
 
 @pytest.fixture

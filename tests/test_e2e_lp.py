@@ -69,6 +69,7 @@ GiB = 1024 * MiB
 PIPES = pytest.mark.parametrize("pipes", [1, 4])
 MODES = pytest.mark.parametrize("mode", ["forward", "socks"])
 
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -237,7 +238,9 @@ async def test_client_that_stops_reading_holds_back_the_server(env: Env, pipes: 
         return proto.written, lp.session.inbound.queued_total
 
     written, queued = await steady(sample, quiet=0.5)
-    print(f"\n[{pipes} pipe(s)] stalled with {written / MiB:.1f} MiB sent by the server, {queued / MiB:.2f} MiB queued in the LP")
+    print(
+        f"\n[{pipes} pipe(s)] stalled with {written / MiB:.1f} MiB sent by the server, {queued / MiB:.2f} MiB queued in the LP"
+    )
     assert written < size // 4, f"the server was not held back: {written} of {size} bytes sent"
     assert queued <= 4 * MiB + pipes * 256 * KiB, f"the LP queued {queued} bytes for one connection"
     assert lp.session.pipes.reading_paused
@@ -265,7 +268,9 @@ async def test_server_that_stops_reading_holds_back_the_client(env: Env, pipes: 
         return writer.written, rp.session.inbound.queued_total
 
     written, queued = await steady(sample, quiet=0.5)
-    print(f"\n[{pipes} pipe(s), {mode}] stalled with {written / MiB:.1f} MiB written by the client, {queued / MiB:.2f} MiB queued in the RP")
+    print(
+        f"\n[{pipes} pipe(s), {mode}] stalled with {written / MiB:.1f} MiB written by the client, {queued / MiB:.2f} MiB queued in the RP"
+    )
     assert written < size // 4, f"the client was not held back: {written} of {size} bytes taken"
     assert queued <= 4 * MiB + pipes * 256 * KiB, f"the RP queued {queued} bytes for one connection"
     assert rp.session.pipes.reading_paused
@@ -317,7 +322,9 @@ async def test_lp_stop_resets_its_connections(env: Env, pipes: int) -> None:
     socks = await env.open(lp, "socks", srv.port)
     fwd.write(b"a")
     socks.write(b"b")
-    await until(lambda: len(srv.protocols) == 2 and all(p.received == 1 for p in srv.protocols), 10, "both at the server")
+    await until(
+        lambda: len(srv.protocols) == 2 and all(p.received == 1 for p in srv.protocols), 10, "both at the server"
+    )
     await lp.stop()
     for c in (fwd, socks):
         assert was_reset(await within(c.lost.wait(), 5, "the client to be reset"))
@@ -597,7 +604,10 @@ async def test_server_closes_at_once(env: Env, pipes: int, mode: str) -> None:
 
 
 def retry_delays(env: Env) -> list[float]:
-    return [float(m) for m in re.findall(r"cannot open \d+ pipes to the RP at [^ ]+: .*?; retrying in ([\d.]+) s", env.logged())]
+    return [
+        float(m)
+        for m in re.findall(r"cannot open \d+ pipes to the RP at [^ ]+: .*?; retrying in ([\d.]+) s", env.logged())
+    ]
 
 
 @PIPES

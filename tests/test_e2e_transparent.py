@@ -66,7 +66,20 @@ def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untype
     t.server.wait_for_port(HTTPPORT, t.server_ip)
 
     rp_log, lp_log = tmp_path / "rp.log", tmp_path / "lp.log"
-    t.rp.popen([TWISTD, "-n", "--pidfile=", "-l", str(rp_log), "tm3rp", "--pipes", "4", "--listen", f"tcp:6000:interface={t.rp_ip}"])
+    t.rp.popen(
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "-l",
+            str(rp_log),
+            "tm3rp",
+            "--pipes",
+            "4",
+            "--listen",
+            f"tcp:6000:interface={t.rp_ip}",
+        ]
+    )
     wait_for(lambda: "listening on" in read(rp_log), "the RP to listen")
     t.client.popen(
         [TWISTD, "-n", "--pidfile=", "-l", str(lp_log), "tm3lp", "--pipes", "4", "--remote", f"{t.rp_ip}:6000",
@@ -89,12 +102,15 @@ def test_transparent_mode_end_to_end(system) -> None:  # type: ignore[no-untyped
 
     # The original experiment, unmodified client, aimed at the server's address.
     client = t.client.run(
-        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
+        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"),
+        check=False,
     )
     assert client.returncode == 0, client.stdout + client.stderr
     assert "OK: all 10 responses verified" in client.stdout
     parallel = t.client.run(
-        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "200", "1000", "50000", "--parallel", "8"),
+        t.client.python_argv(
+            "-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "200", "1000", "50000", "--parallel", "8"
+        ),
         check=False,
     )
     assert parallel.returncode == 0, parallel.stdout + parallel.stderr
@@ -112,15 +128,20 @@ def test_transparent_mode_end_to_end(system) -> None:  # type: ignore[no-untyped
     rp_lines = conn_lines(read(rp_log), dest)
     assert all("ended: fin" in line for line in rp_lines), rp_lines
     assert any("up 41120 B, down 40960 B" in line for line in rp_lines), rp_lines  # the 10 x 4096 exchange
-    assert len(conn_lines(read(rp_log), f"{t.server_ip}:{HTTPPORT}")) == 1
-    assert len(conn_lines(read(lp_log), dest)) >= 9
+    # Each proxy logs a connection once it is over both ways, which can be a
+    # moment after the client is done: wait for the line, then count.
+    http = f"{t.server_ip}:{HTTPPORT}"
+    wait_for(lambda: conn_lines(read(rp_log), http), "the RP's line for curl's connection")
+    assert len(conn_lines(read(rp_log), http)) == 1
+    wait_for(lambda: len(conn_lines(read(lp_log), dest)) >= 9, "the LP's connection log lines")
     before_off = len(conn_lines(read(rp_log), dest))
 
     # Off: the same client now reaches the server directly, not through TM3.
     redirect(t, "off")
     assert "not installed" in redirect(t, "status").lower() or "nothing" in redirect(t, "status").lower()
     direct = t.client.run(
-        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"), check=False
+        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"),
+        check=False,
     )
     assert direct.returncode == 0, direct.stdout + direct.stderr
     time.sleep(0.5)
@@ -133,7 +154,9 @@ def test_connection_to_the_listener_itself_is_refused_not_looped(system) -> None
     t, rp_log, lp_log, _ = system
     before = read(rp_log).count("ended:")
     result = t.client.run(
-        t.client.python_argv("-m", "tm3.tools.testclient", t.client_ip, str(LP_PORT), "1", "10", "10", "--timeout", "5"),
+        t.client.python_argv(
+            "-m", "tm3.tools.testclient", t.client_ip, str(LP_PORT), "1", "10", "10", "--timeout", "5"
+        ),
         check=False,
     )
     assert result.returncode == 1, result.stdout + result.stderr

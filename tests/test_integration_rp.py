@@ -74,8 +74,12 @@ async def test_out_of_order_over_four_pipes(env: Env) -> None:
     rp = await env.rp(4)
     srv = await env.server(servers.echo(env.reactor))
     lp = await env.lp_client(rp.port, 4)
-    syn = lambda cid: lp.syn_msg(cid, HOST, srv.port, lp.take_seq(cid)[0])
-    fin = lambda cid: lp.fin_msg(cid, lp.take_seq(cid)[0])
+
+    def syn(cid: int) -> bytes:
+        return lp.syn_msg(cid, HOST, srv.port, lp.take_seq(cid)[0])
+
+    def fin(cid: int) -> bytes:
+        return lp.fin_msg(cid, lp.take_seq(cid)[0])
 
     def received(n: int) -> Callable[[], bool]:
         base = rp.stats.messages_received
@@ -191,7 +195,9 @@ async def test_large_transfer_both_ways(env: Env) -> None:
     assert bytes(up.data) == f"{size} {digest}\n".encode()
     proto = await with_timeout(snk.connection(0), 1)
     assert proto.report.result == (size, digest)
-    print(f"\n100 MiB down {size / MiB / t_down:.1f} MiB/s ({t_down:.1f} s), up {size / MiB / t_up:.1f} MiB/s ({t_up:.1f} s)")
+    print(
+        f"\n100 MiB down {size / MiB / t_down:.1f} MiB/s ({t_down:.1f} s), up {size / MiB / t_up:.1f} MiB/s ({t_up:.1f} s)"
+    )
     await until(lambda: forgotten(rp), 5, "the RP to forget its connections")
 
 
@@ -350,7 +356,9 @@ async def test_protocol_error_closes_the_pipes_and_a_new_session_works(env: Env)
     assert was_reset(await with_timeout(proto.lost.wait(), 5))
     assert rp.stats.protocol_errors == 1 and rp.session is None
     line = [
-        str(formatEvent(e)) for e in env.log if "protocol error" in str(formatEvent(e)) and "offset" in str(formatEvent(e))
+        str(formatEvent(e))
+        for e in env.log
+        if "protocol error" in str(formatEvent(e)) and "offset" in str(formatEvent(e))
     ]
     assert len(line) == 1, env.logged()
     assert f"pipe {HOST}:{pipe_port}" in line[0]
@@ -400,7 +408,11 @@ async def test_protocol_errors_end_the_session(env: Env, case: str) -> None:
     lp.send_raw(1, b"".join(messages))
     await with_timeout(lp.all_closed(), 5)
     assert rp.stats.protocol_errors == 1 and rp.session is None
-    lines = [str(formatEvent(e)) for e in env.log if "protocol error on" in str(formatEvent(e)) and "at offset" in str(formatEvent(e))]
+    lines = [
+        str(formatEvent(e))
+        for e in env.log
+        if "protocol error on" in str(formatEvent(e)) and "at offset" in str(formatEvent(e))
+    ]
     assert len(lines) == 1, env.logged()
     assert words in lines[0] and f"at offset {offset}:" in lines[0], lines[0]
     assert messages[-1][:8].hex(" ") in lines[0], lines[0]
@@ -488,8 +500,10 @@ async def test_download_backpressure_bounds_what_the_rp_reads(env: Env) -> None:
     ahead = written - rx.received
     assert ahead <= kernel + kernel_srv + len(pipes) * 192 * KiB + 2 * 64 * KiB, (ahead, kernel, kernel_srv)
     assert ahead < size // 2, "the bound above is too loose for this test to mean anything"
-    print(f"\nstalled: server wrote {written}, RP read {rp.stats.bytes_to_pipes}, LP took {rx.received},"
-          f" RP holds {rp_held}; kernel buffers: pipes {kernel}, server {kernel_srv}")
+    print(
+        f"\nstalled: server wrote {written}, RP read {rp.stats.bytes_to_pipes}, LP took {rx.received},"
+        f" RP holds {rp_held}; kernel buffers: pipes {kernel}, server {kernel_srv}"
+    )
 
     lp.resume_reading()
     assert await with_timeout(rx.when_fin(), 60) == (FIN, rx.messages - 1)
@@ -558,7 +572,9 @@ async def test_lp_gone_while_upload_backpressure_has_paused_the_pipes(env: Env) 
     # Not read, yet noticed: through the kernel's TCP state, within a few seconds.
     await until(lambda: session.ended, 10, "the RP to end the session")
     assert rp.session is None
-    assert session.conns == {} and session.live == set() and session.sockets == set() and session.inbound.queued_total == 0
+    assert (
+        session.conns == {} and session.live == set() and session.sockets == set() and session.inbound.queued_total == 0
+    )
     proto.start_reading()  # only a reading server can see the RST the RP sent it
     assert isinstance(await with_timeout(proto.lost.wait(), 10), Exception) and proto.reset
 

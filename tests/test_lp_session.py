@@ -1,4 +1,4 @@
-"""The local proxy, driven in memory (see lp_harness.py): dialing the pipes,
+"""The local proxy, driven in memory (see tests/support/lp_harness.py): dialing the pipes,
 the SYN of forward and SOCKS clients, connection ids (rule 7), every close
 path of the life cycle including flush-then-reset, reordering, backpressure
 both ways, session loss and redial, and protocol errors from the RP."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import socket
 import struct
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -17,8 +16,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from tests.lp_harness import LP, RP_HOST, RP_PORT, TARGET
-from tests.rp_harness import LogCapture
+from tests.support.logs import LogCapture
+from tests.support.lp_harness import LP, RP_HOST, RP_PORT, TARGET
 from tm3.core.ids import IdAllocator
 from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Message, Syn, encode_data, encode_syn
@@ -29,13 +28,6 @@ KiB = 1024
 MiB = 1024 * 1024
 HOST, PORT = TARGET
 GREETING = b"\x05\x01\x00"
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 @pytest.fixture

@@ -41,16 +41,28 @@ def test_pip_install_into_fresh_venv_lists_plugins(tmp_path: Path) -> None:
     for line in where.stdout.split():
         assert str(env_dir) in line and str(REPO_ROOT) not in line, where.stdout
     rp_help = subprocess.run(
-        [str(bin_dir / "twistd"), "tm3rp", "--help"], capture_output=True, text=True, env=clean_env, cwd=elsewhere, timeout=60
+        [str(bin_dir / "twistd"), "tm3rp", "--help"],
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        cwd=elsewhere,
+        timeout=60,
     )
     assert "--pipes" in rp_help.stdout and "--max-payload" in rp_help.stdout, rp_help.stdout + rp_help.stderr
     for script in ("tm3-testserver", "tm3-testclient", "tm3-redirect", "tm3-demo"):
         assert (bin_dir / script).exists(), script
-        helped = subprocess.run([str(bin_dir / script), "--help"], capture_output=True, text=True, env=clean_env, timeout=60)
+        helped = subprocess.run(
+            [str(bin_dir / script), "--help"], capture_output=True, text=True, env=clean_env, timeout=60
+        )
         assert helped.returncode == 0 and "usage" in helped.stdout.lower(), (script, helped.stdout, helped.stderr)
     # A bad option is a usage error naming the option, not a traceback.
     bad = subprocess.run(
-        [str(bin_dir / "twistd"), "-n", "tm3rp", "--pipes", "0"], capture_output=True, text=True, env=clean_env, cwd=elsewhere, timeout=60
+        [str(bin_dir / "twistd"), "-n", "tm3rp", "--pipes", "0"],
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        cwd=elsewhere,
+        timeout=60,
     )
     assert bad.returncode != 0
     assert "--pipes must be in 1..1024" in bad.stdout + bad.stderr

@@ -67,20 +67,15 @@ def test_install_rules_exact() -> None:
         ["-t", "nat", "-A", "TM3_OUTPUT", "-d", "127.0.0.0/8", "-j", "RETURN"],
         ["-t", "nat", "-A", "TM3_OUTPUT", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"],
         ["-t", "nat", "-A", "TM3_OUTPUT", "-p", "tcp", "--dport", "6001", "-j", "RETURN"],
-        ["-t", "nat", "-A", "TM3_OUTPUT", "-p", "tcp", "--dport", "80",
-         "-j", "REDIRECT", "--to-ports", "6001"],
-        ["-t", "nat", "-A", "TM3_OUTPUT", "-p", "tcp", "--dport", "8080",
-         "-j", "REDIRECT", "--to-ports", "6001"],
+        ["-t", "nat", "-A", "TM3_OUTPUT", "-p", "tcp", "--dport", "80", "-j", "REDIRECT", "--to-ports", "6001"],
+        ["-t", "nat", "-A", "TM3_OUTPUT", "-p", "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "6001"],
         ["-t", "nat", "-N", "TM3_PREROUTING"],
         ["-t", "nat", "-A", "TM3_PREROUTING", "-d", "10.77.1.1/32", "-j", "RETURN"],
         ["-t", "nat", "-A", "TM3_PREROUTING", "-d", "127.0.0.0/8", "-j", "RETURN"],
-        ["-t", "nat", "-A", "TM3_PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL",
-         "-j", "RETURN"],
+        ["-t", "nat", "-A", "TM3_PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"],
         ["-t", "nat", "-A", "TM3_PREROUTING", "-p", "tcp", "--dport", "6001", "-j", "RETURN"],
-        ["-t", "nat", "-A", "TM3_PREROUTING", "-p", "tcp", "--dport", "80",
-         "-j", "REDIRECT", "--to-ports", "6001"],
-        ["-t", "nat", "-A", "TM3_PREROUTING", "-p", "tcp", "--dport", "8080",
-         "-j", "REDIRECT", "--to-ports", "6001"],
+        ["-t", "nat", "-A", "TM3_PREROUTING", "-p", "tcp", "--dport", "80", "-j", "REDIRECT", "--to-ports", "6001"],
+        ["-t", "nat", "-A", "TM3_PREROUTING", "-p", "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "6001"],
         ["-t", "nat", "-I", "OUTPUT", "1", "-p", "tcp", "-j", "TM3_OUTPUT"],
         ["-t", "nat", "-I", "PREROUTING", "1", "-i", "eth0", "-p", "tcp", "-j", "TM3_PREROUTING"],
     ]
@@ -178,9 +173,7 @@ def test_make_config_valid() -> None:
         ("10.0.0.1", "../eth0", ["80"], "6001", "not a valid interface"),
     ],
 )
-def test_make_config_rejects(
-    rp_ip: str, iface: str, ports: list[str], to_port: str, message: str
-) -> None:
+def test_make_config_rejects(rp_ip: str, iface: str, ports: list[str], to_port: str, message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):
         make_config(rp_ip, iface, ports, to_port, exists=always)
 
@@ -287,9 +280,7 @@ def test_main_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     assert err.startswith("tm3-redirect: error: RP_IP '10.0.0.256' is not an IPv4 address")
 
 
-def test_main_not_root(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_main_not_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     for argv in (["on", "10.0.0.1", "lo", "80"], ["off"], ["status"]):
         assert redirect.main(argv) == EXIT_USAGE
@@ -386,6 +377,7 @@ def report_original_destination(conn: socket.socket) -> None:
 def greeter(name: str) -> Callable[[socket.socket], None]:
     def respond(conn: socket.socket) -> None:
         conn.sendall(f"{name}\n".encode())
+
     return respond
 
 
@@ -427,8 +419,7 @@ def test_redirect_in_namespaces(tm3_topology: TM3Topology) -> None:
         # Before: the client reaches the server directly, through the RP router.
         assert ask(t.client.connect, server_addr) == "server"
 
-        done = tm3_redirect(t, "client", "on", t.rp_ip, t.client_iface, "8080",
-                            "--to-port", "6001")
+        done = tm3_redirect(t, "client", "on", t.rp_ip, t.client_iface, "8080", "--to-port", "6001")
         assert done.returncode == EXIT_OK, done.stderr
         assert "redirecting TCP ports 8080" in done.stdout
 
@@ -468,9 +459,7 @@ def test_redirect_in_namespaces(tm3_topology: TM3Topology) -> None:
         done = tm3_redirect(t, "client", "off")
         assert (done.returncode, done.stdout) == (EXIT_OK, "tm3-redirect: nothing installed\n")
         done = tm3_redirect(t, "client", "status")
-        assert (done.returncode, done.stdout) == (
-            EXIT_NOT_INSTALLED, "tm3-redirect: not installed\n"
-        )
+        assert (done.returncode, done.stdout) == (EXIT_NOT_INSTALLED, "tm3-redirect: not installed\n")
 
 
 @pytest.mark.netns
@@ -508,8 +497,13 @@ def test_not_root_subprocess(topology: Topology) -> None:
     host = topology.add_host("h")
     for args in (["on", "10.0.0.1", "lo", "80"], ["status"], ["off"]):
         done = host.run(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-             *host.python_argv("-m", "tm3.lp.redirect", *args)],
+            [
+                setpriv,
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                *host.python_argv("-m", "tm3.lp.redirect", *args),
+            ],
             check=False,
         )
         assert done.returncode == EXIT_USAGE, done.stderr
@@ -531,7 +525,7 @@ def test_missing_iptables_subprocess(topology: Topology, tmp_path: Path) -> None
 @pytest.mark.netns
 def test_iptables_failure_is_reported_and_rolled_back(topology: Topology, tmp_path: Path) -> None:
     """An iptables that refuses REDIRECT: exit 1, its message, nothing left."""
-    host = topology.add_host("h")
+    topology.add_host("h")
     real = shutil.which("iptables")
     assert real is not None
     fake = tmp_path / "iptables"
@@ -541,8 +535,9 @@ def test_iptables_failure_is_reported_and_rolled_back(topology: Topology, tmp_pa
         f'exec {real} "$@"\n'
     )
     fake.chmod(0o755)
-    done = tm3_redirect(topology, "h", "on", "10.0.0.1", "lo", "80",
-                        path=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    done = tm3_redirect(
+        topology, "h", "on", "10.0.0.1", "lo", "80", path=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     assert done.returncode == EXIT_FAILED
     assert done.stderr.count("\n") == 1
     assert "No chain/target/match by that name." in done.stderr
@@ -579,9 +574,7 @@ async def test_original_destination_of_twisted_transport(tm3_topology: TM3Topolo
     )
     listening.close()  # adoptStreamPort took a duplicate
     try:
-        done = await threads.deferToThread(
-            tm3_redirect, t, "client", "on", t.rp_ip, t.client_iface, "8080"
-        )
+        done = await threads.deferToThread(tm3_redirect, t, "client", "on", t.rp_ip, t.client_iface, "8080")
         assert done.returncode == EXIT_OK, done.stderr
         answer = await threads.deferToThread(ask, t.client.connect, (t.server_ip, 8080))
         assert answer == f"{t.server_ip}:8080"

@@ -1,10 +1,8 @@
-"""The remote proxy's sessions, driven in memory (see rp_harness.py): pipe
+"""The remote proxy's sessions, driven in memory (see tests/support/rp_harness.py): pipe
 sets, the connection life cycle, backpressure both ways, id reuse (rules 8
 and 9), protocol errors and the per-connection log lines."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,23 +10,16 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, TCPTimedOutError
 from twisted.python.failure import Failure
 
+from tests.support.logs import LogCapture
+from tests.support.rp_harness import RP
 from tm3.core.lifecycle import State
+from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
 from tm3.mux.pipes import FLUSH_THRESHOLD, MAX_EARLY_BYTES
 from tm3.rp.service import PENDING_TIMEOUT
-from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
-
-from rp_harness import RP, LogCapture
 
 KiB = 1024
 MiB = 1024 * 1024
 HOST, PORT = "93.184.216.34", 443
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 def open_conn(rp: RP, cid: int = 3, host: str = HOST, port: int = PORT, pipe: int = 0):  # type: ignore[no-untyped-def]
@@ -750,7 +741,6 @@ def test_rule8_old_fin_before_the_server_closes_sends_later_messages_to_the_new_
     a_proto, a = open_conn(rp, cid=7)
     rp.send(Data(7, 1, b"old1"), Fin(7, 2, 0x88))
     assert a.write_closed
-    old = session.conns[7]
     # The next connection's messages overtake its SYN; they are not the old one's.
     rp.send(Data(7, 1, b"new1"), pipe=1)
     rp.send(Syn(7, 0, "10.0.0.2", 2), pipe=1)
@@ -1067,7 +1057,7 @@ def test_ten_thousand_connections_in_one_session() -> None:
     session = rp.up()
     for cid in range(n_conns):
         rp.send_raw(
-            encode_syn(cid, "10.%d.%d.1" % (cid >> 8, cid & 255), 80)
+            encode_syn(cid, f"10.{cid >> 8}.{cid & 255}.1", 80)
             + encode_data(cid, 1, b"q%d" % cid)
             + encode_fin(cid, 2, 0x88),
             pipe=cid % 4,

@@ -159,9 +159,7 @@ def test_connect_ipv4() -> None:
 def test_connect_domain() -> None:
     handshake = Socks5Handshake()
     assert handshake.feed(GREETING) == [SendBytes(METHOD_NO_AUTH_SELECTED)]
-    assert handshake.feed(CONNECT_DOMAIN) == [
-        ConnectRequest(ATYP_DOMAIN, "example.com", 443)
-    ]
+    assert handshake.feed(CONNECT_DOMAIN) == [ConnectRequest(ATYP_DOMAIN, "example.com", 443)]
 
 
 def test_connect_ipv6_is_left_to_the_caller() -> None:
@@ -299,9 +297,7 @@ def test_wrong_version_in_request_fails_without_reply() -> None:
     assert "SOCKS4" in failure.reason
 
 
-@pytest.mark.parametrize(
-    ("cmd", "name"), [(0x02, "BIND"), (0x03, "UDP ASSOCIATE"), (0x09, "0x09")]
-)
+@pytest.mark.parametrize(("cmd", "name"), [(0x02, "BIND"), (0x03, "UDP ASSOCIATE"), (0x09, "0x09")])
 def test_commands_other_than_connect_are_not_supported(cmd: int, name: str) -> None:
     failure = single_failure(GREETING + request(cmd, ATYP_IPV4, bytes(4), 0))
     assert failure.reply == bytes.fromhex("05 07 00 01 00000000 0000")
@@ -367,17 +363,11 @@ def test_failure_drops_the_rest_of_the_chunk() -> None:
 def test_reply_bytes() -> None:
     # VER 5, REP, RSV 0, ATYP IPv4, BND.ADDR, BND.PORT (network order).
     assert reply(SUCCEEDED) == bytes([5, 0, 0, 1, 0, 0, 0, 0, 0, 0])
-    assert reply(CONNECTION_REFUSED, "10.0.0.1", 1080) == bytes(
-        [5, 5, 0, 1, 10, 0, 0, 1, 0x04, 0x38]
-    )
-    assert reply(SUCCEEDED, "::1", 443) == (
-        bytes([5, 0, 0, 4]) + bytes(15) + b"\x01" + b"\x01\xbb"
-    )
+    assert reply(CONNECTION_REFUSED, "10.0.0.1", 1080) == bytes([5, 5, 0, 1, 10, 0, 0, 1, 0x04, 0x38])
+    assert reply(SUCCEEDED, "::1", 443) == (bytes([5, 0, 0, 4]) + bytes(15) + b"\x01" + b"\x01\xbb")
 
 
-@pytest.mark.parametrize(
-    ("args"), [(-1,), (256,), (0, "0.0.0.0", -1), (0, "0.0.0.0", 65536), (0, "localhost")]
-)
+@pytest.mark.parametrize(("args"), [(-1,), (256,), (0, "0.0.0.0", -1), (0, "0.0.0.0", 65536), (0, "localhost")])
 def test_reply_rejects_bad_arguments(args: tuple[Any, ...]) -> None:
     with pytest.raises(ValueError):
         reply(*args)
@@ -449,9 +439,7 @@ def valid_sessions(draw: st.DrawFn) -> tuple[bytes, ConnectRequest, bytes]:
 
 @settings(max_examples=300, deadline=None)
 @given(valid_sessions(), st.lists(st.integers(0, 1 << 16), max_size=40))
-def test_any_split_of_a_valid_session(
-    session: tuple[bytes, ConnectRequest, bytes], cuts: list[int]
-) -> None:
+def test_any_split_of_a_valid_session(session: tuple[bytes, ConnectRequest, bytes], cuts: list[int]) -> None:
     handshake_bytes, expected, early = session
     data = handshake_bytes + early
     events, relayed = run_chunks(split(data, cuts))
@@ -669,9 +657,7 @@ def test_glue_client_lost_while_connecting_uncancellable() -> None:
 def test_glue_handshake_failures(data: bytes, written: bytes) -> None:
     proto, transport = connected()
     proto.dataReceived(data)
-    expected = written if data[:1] == b"\x04" or data[2:3] != b"\x00" else (
-        METHOD_NO_AUTH_SELECTED + written
-    )
+    expected = written if data[:1] == b"\x04" or data[2:3] != b"\x00" else (METHOD_NO_AUTH_SELECTED + written)
     assert transport.value() == expected
     assert transport.disconnecting
     assert proto.connects == []
@@ -828,9 +814,7 @@ class DirectSocks5(Socks5Protocol):
             host = await reactor.resolve(host)
         if not ipaddress.IPv4Address(host).is_loopback:
             raise SocksError(NOT_ALLOWED, f"test proxy connects to loopback only, not {host}")
-        upstream = await connectProtocol(
-            TCP4ClientEndpoint(reactor, host, port, timeout=5), _Upstream(self)
-        )
+        upstream = await connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=5), _Upstream(self))
         # Cancelling fromCoroutine's Deferred cancels the awaited connect, so
         # an abort cannot leave a connected upstream behind.
         self.upstream = upstream
@@ -896,10 +880,7 @@ class HTTPServer(Protocol):
             return
         lines = head.split(b"\r\n")
         method, path, _ = lines[0].split(b" ")
-        headers = dict(
-            (k.strip().lower(), v.strip())
-            for k, _, v in (line.partition(b":") for line in lines[1:])
-        )
+        headers = dict((k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines[1:]))
         length = int(headers.get(b"content-length", b"0"))
         if len(body) < length:
             return
@@ -986,9 +967,7 @@ async def curl(*args: str) -> tuple[bytes, bytes, int]:
 
 @pytest_twisted.ensureDeferred
 async def test_curl_socks5_ipv4(rig: Rig) -> None:
-    out, err, code = await curl(
-        "--socks5", f"{LOOPBACK}:{rig.proxy_port}", f"http://{LOOPBACK}:{rig.http_port}/"
-    )
+    out, err, code = await curl("--socks5", f"{LOOPBACK}:{rig.proxy_port}", f"http://{LOOPBACK}:{rig.http_port}/")
     assert (code, err) == (0, b"")
     assert out == b"hello via socks, host=%s:%d\n" % (LOOPBACK.encode(), rig.http_port)
     assert rig.tracker.requests == [(LOOPBACK, rig.http_port, ATYP_IPV4)]
@@ -1048,17 +1027,16 @@ async def test_curl_connection_refused(rig: Rig) -> None:
 async def test_curl_hostname_not_allowed(rig: Rig) -> None:
     # The reply's code reaches the user; no name other than localhost is
     # resolved or connected to by the test proxy.
-    out, err, code = await curl(
-        "--socks5-hostname", f"{LOOPBACK}:{rig.proxy_port}", "http://example.invalid/"
-    )
+    out, err, code = await curl("--socks5-hostname", f"{LOOPBACK}:{rig.proxy_port}", "http://example.invalid/")
     assert code != 0 and out == b""
     assert b"SOCKS5 connection to example.invalid. (2)" in err, err  # REP 2
     assert rig.tracker.requests == [("example.invalid", 80, ATYP_DOMAIN)]
     await rig.tracker.all_closed()
 
 
-def raw_session(proxy_port: int, *, one_byte_at_a_time: bool, payload: bytes,
-                request_bytes: bytes) -> tuple[bytes, bytes, bytes]:
+def raw_session(
+    proxy_port: int, *, one_byte_at_a_time: bool, payload: bytes, request_bytes: bytes
+) -> tuple[bytes, bytes, bytes]:
     """A blocking SOCKS5 client (run in a thread): greeting, request and the
     first part of the payload optimistically, then the rest; half-close;
     read until EOF. Returns (method reply, CONNECT reply, relayed bytes)."""
@@ -1080,9 +1058,7 @@ def raw_session(proxy_port: int, *, one_byte_at_a_time: bool, payload: bytes,
 
 @pytest.mark.parametrize("one_byte_at_a_time", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_raw_client_echo_with_early_data_and_half_close(
-    rig: Rig, one_byte_at_a_time: bool
-) -> None:
+async def test_raw_client_echo_with_early_data_and_half_close(rig: Rig, one_byte_at_a_time: bool) -> None:
     payload = os.urandom(2 * 1024 * 1024)
     target = request(0x01, ATYP_IPV4, socket.inet_aton(LOOPBACK), rig.echo_port)
     method, connect, echoed = await deferToThread(
@@ -1124,9 +1100,7 @@ async def test_raw_client_failures(rig: Rig) -> None:
         ),
     ]
     for data, expected in cases:
-        got = await deferToThread(raw_exchange, rig.proxy_port, data).addTimeout(
-            STEP_TIMEOUT, reactor
-        )
+        got = await deferToThread(raw_exchange, rig.proxy_port, data).addTimeout(STEP_TIMEOUT, reactor)
         assert got == expected, data
     await rig.tracker.all_closed()
 
@@ -1146,9 +1120,7 @@ async def test_client_abort_while_connecting_cancels_the_connect(rig: Rig) -> No
 
     port = _listen(Factory.forProtocol(lambda: Hanging(rig.tracker)))
     try:
-        client: Deferred[Any] = deferToThread(
-            raw_exchange, port_number(port), GREETING + CONNECT_IPV4
-        )
+        client: Deferred[Any] = deferToThread(raw_exchange, port_number(port), GREETING + CONNECT_IPV4)
         await until(lambda: bool(hung), STEP_TIMEOUT, "the connect to hang")
         proto = hung[0]
         assert tcp(proto.transport).getPeer().host == LOOPBACK

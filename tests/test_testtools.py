@@ -71,9 +71,7 @@ u32 = st.integers(0, MAX_U32)
 
 
 @given(u32, u32, u32)
-def test_header_round_trip(
-    index: int, request_length: int, response_length: int
-) -> None:
+def test_header_round_trip(index: int, request_length: int, response_length: int) -> None:
     data = encode_header(index, request_length, response_length)
     assert len(data) == HEADER_SIZE == 16
     assert decode_header(data) == RequestHeader(index, request_length, response_length)
@@ -81,9 +79,7 @@ def test_header_round_trip(
 
 
 def test_header_layout_is_big_endian_with_magic() -> None:
-    assert encode_header(1, 0x0203, 0x04050607) == (
-        b"TM3T" + bytes([0, 0, 0, 1, 0, 0, 2, 3, 4, 5, 6, 7])
-    )
+    assert encode_header(1, 0x0203, 0x04050607) == (b"TM3T" + bytes([0, 0, 0, 1, 0, 0, 2, 3, 4, 5, 6, 7]))
     assert MAGIC == b"TM3T"
 
 
@@ -104,9 +100,7 @@ def test_header_errors() -> None:
 def test_pattern_is_pinned() -> None:
     # Other implementations (the C++ originals, a capture dissector) can
     # regenerate the pattern from this definition; a change breaks them.
-    assert pattern_bytes(0, Stream.REQUEST, 0, 32) == hashlib.shake_256(
-        PATTERN_SEED
-    ).digest(32)
+    assert pattern_bytes(0, Stream.REQUEST, 0, 32) == hashlib.shake_256(PATTERN_SEED).digest(32)
     period = hashlib.shake_256(PATTERN_SEED).digest(PATTERN_PERIOD)
     assert pattern_bytes(0, Stream.REQUEST, 0, 2 * PATTERN_PERIOD) == period * 2
 
@@ -126,14 +120,10 @@ def test_pattern_depends_on_index_and_direction() -> None:
     st.integers(0, 300_000),
     st.integers(0, 300_000),
 )
-def test_pattern_slices_compose(
-    index: int, stream: Stream, offset: int, a: int, b: int
-) -> None:
+def test_pattern_slices_compose(index: int, stream: Stream, offset: int, a: int, b: int) -> None:
     whole = pattern_bytes(index, stream, offset, a + b)
     assert len(whole) == a + b
-    assert whole == pattern_bytes(index, stream, offset, a) + pattern_bytes(
-        index, stream, offset + a, b
-    )
+    assert whole == pattern_bytes(index, stream, offset, a) + pattern_bytes(index, stream, offset + a, b)
     chunks = list(pattern_chunks(index, stream, a + b, CHUNK_SIZE, offset))
     assert b"".join(chunks) == whole
     assert all(0 < len(c) <= CHUNK_SIZE for c in chunks)
@@ -143,14 +133,10 @@ def test_pattern_slices_compose(
 
 @given(
     st.integers(0, 1000),
-    st.integers(1, 600_000).flatmap(
-        lambda n: st.tuples(st.just(n), st.integers(0, n - 1))
-    ),
+    st.integers(1, 600_000).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1))),
     st.integers(1, 255),
 )
-def test_find_mismatch_reports_first_wrong_offset(
-    index: int, size_and_position: tuple[int, int], flip: int
-) -> None:
+def test_find_mismatch_reports_first_wrong_offset(index: int, size_and_position: tuple[int, int], flip: int) -> None:
     size, position = size_and_position
     data = bytearray(pattern_bytes(index, Stream.RESPONSE, 0, size))
     assert find_mismatch(index, Stream.RESPONSE, 0, data) is None
@@ -167,9 +153,7 @@ def test_find_mismatch_reports_first_wrong_offset(
 
 
 @given(st.lists(st.integers(0, 70_000), max_size=8), st.integers(0, 255))
-def test_checker_positions_are_absolute_across_pieces(
-    splits: list[int], seed: int
-) -> None:
+def test_checker_positions_are_absolute_across_pieces(splits: list[int], seed: int) -> None:
     total = sum(splits)
     data = bytearray(pattern_bytes(7, Stream.REQUEST, 0, total))
     bad = seed * 997 % total if total else None
@@ -257,9 +241,7 @@ def test_report_statistics() -> None:
         ),
     ],
 )
-def test_client_usage_errors(
-    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_client_usage_errors(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         testclient.main(argv)
     assert e.value.code == 2
@@ -332,13 +314,9 @@ async def serving(
         factory = testserver.TestServerFactory()
     port: IListeningPort
     if isinstance(factory, testserver.TestServerFactory):
-        port = await listen_testserver(
-            reactor, 0, interface="127.0.0.1", factory=factory
-        )
+        port = await listen_testserver(reactor, 0, interface="127.0.0.1", factory=factory)
     else:
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            factory
-        )
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
         yield port.getHost().port, factory
     finally:
@@ -404,9 +382,7 @@ class RawClient(Protocol):
 
 
 async def raw_connect(port: int) -> RawClient:
-    client: RawClient = await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient()
-    )
+    client: RawClient = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient())
     return client
 
 
@@ -435,13 +411,9 @@ async def captured_log() -> AsyncIterator[list[dict[str, Any]]]:
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_client_and_server(
-    tidy: None, count: int, req_size: int, resp_size: int
-) -> None:
+async def test_client_and_server(tidy: None, count: int, req_size: int, resp_size: int) -> None:
     async with serving() as (port, factory):
-        result = await run_client(
-            reactor, "127.0.0.1", port, count, req_size, resp_size
-        )
+        result = await run_client(reactor, "127.0.0.1", port, count, req_size, resp_size)
     assert result.ok, result.report()
     assert result.error is None
     assert result.completed == count == len(result.latencies)
@@ -454,9 +426,7 @@ async def test_client_and_server(
 @pytest_twisted.ensureDeferred
 async def test_parallel_connections_share_the_requests(tidy: None) -> None:
     async with serving() as (port, factory):
-        result = await run_client(
-            reactor, "127.0.0.1", port, 50, 1000, 20_000, parallel=8
-        )
+        result = await run_client(reactor, "127.0.0.1", port, 50, 1000, 20_000, parallel=8)
         assert result.ok, result.report()
         assert (result.connections, factory.connections, factory.requests) == (8, 8, 50)
         # More connections asked for than requests: one request each.
@@ -478,9 +448,7 @@ async def test_corrupt_response_reports_offset(tidy: None) -> None:
         transport.write(bytes(body))
 
     async with serving(fake_factory(respond)) as (port, _):
-        result = await run_client(
-            reactor, "127.0.0.1", port, 6, 100, 200_000, timeout=10
-        )
+        result = await run_client(reactor, "127.0.0.1", port, 6, 100, 200_000, timeout=10)
     assert not result.ok
     assert result.error is not None
     assert result.error.kind == "mismatch"
@@ -507,9 +475,7 @@ async def test_short_response_is_reported(tidy: None) -> None:
 @pytest_twisted.ensureDeferred
 async def test_extra_bytes_are_reported(tidy: None) -> None:
     def respond(transport: ITransport, h: RequestHeader) -> None:
-        transport.write(
-            pattern_bytes(h.index, Stream.RESPONSE, 0, h.response_length + 1)
-        )
+        transport.write(pattern_bytes(h.index, Stream.RESPONSE, 0, h.response_length + 1))
 
     async with serving(fake_factory(respond)) as (port, _):
         result = await run_client(reactor, "127.0.0.1", port, 2, 10, 100, timeout=10)
@@ -533,14 +499,10 @@ async def test_connection_refused_is_a_failure_not_a_hang(tidy: None) -> None:
 async def test_silent_server_times_out(tidy: None) -> None:
     async with serving(fake_factory(lambda transport, h: None)) as (port, _):
         started = time.monotonic()
-        result = await run_client(
-            reactor, "127.0.0.1", port, 4, 10, 10, parallel=2, timeout=0.3
-        )
+        result = await run_client(reactor, "127.0.0.1", port, 4, 10, 10, parallel=2, timeout=0.3)
     assert 0.25 < time.monotonic() - started < 5
     assert result.error is not None and result.error.kind == "timeout"
-    assert (
-        "timed out after 0.3 s with 0 of 4 requests completed" in result.error.message
-    )
+    assert "timed out after 0.3 s with 0 of 4 requests completed" in result.error.message
     assert "waiting for response 0 (0 of 10 bytes received)" in result.error.message
 
 
@@ -580,10 +542,7 @@ async def test_server_aborts_on_bad_magic(tidy: None) -> None:
 async def test_server_answers_pipelined_requests_in_order(tidy: None) -> None:
     # More than the server's queue limit, so it has to pause reading and resume.
     n = 3 * testserver.MAX_QUEUED_RESPONSES
-    requests = b"".join(
-        encode_header(i, 10, 1000) + pattern_bytes(i, Stream.REQUEST, 0, 10)
-        for i in range(n)
-    )
+    requests = b"".join(encode_header(i, 10, 1000) + pattern_bytes(i, Stream.REQUEST, 0, 10) for i in range(n))
     async with serving() as (port, factory):
         client = await raw_connect(port)
         assert client.transport is not None
@@ -699,9 +658,7 @@ def test_console_entry_points() -> None:
         assert "OK: all 10 responses verified" in out
         assert client.stderr == ""
         # The per-connection line for that client.
-        output.wait_for(
-            r"10 requests, 41120 bytes in, 40960 bytes out, 0 corrupt; closed", 20
-        )
+        output.wait_for(r"10 requests, 41120 bytes in, 40960 bytes out, 0 corrupt; closed", 20)
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -13,7 +13,6 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, NotConnectingError, UserError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from tm3.core import wire
@@ -200,28 +199,3 @@ class RP:
         """The server's socket is gone (both ways)."""
         proto, _ = self.servers[index]
         proto.connectionLost(Failure(reason or ConnectionDone()))
-
-
-class LogCapture:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def texts(self) -> list[str]:
-        return [formatEvent(e) for e in self.events]
-
-    def matching(self, needle: str) -> list[str]:
-        return [t for t in self.texts() if needle in t]
-
-    def ends(self) -> list[LogEvent]:
-        """Per-connection end events."""
-        return [e for e in self.events if "how" in e and "conn_id" in e and "up" in e]
-
-    def start(self) -> LogCapture:
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def stop(self) -> None:
-        globalLogPublisher.removeObserver(self)

@@ -21,7 +21,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 
-from tests.rp_harness import PipeTransport, Reactor, ServerTransport
+from tests.support.rp_harness import PipeTransport, Reactor, ServerTransport
 from tm3.core import wire
 from tm3.lp.clients import ClientConnection, forward_factory, socks_factory
 from tm3.lp.role import LocalRole
