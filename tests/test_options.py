@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from tests.support.processes import REPO_ROOT, TWISTD, clean_env
+from tm3.lp import tap as lp_tap
 from tm3.mux.session import Settings
 from tm3.rp import tap as rp_tap
 from tm3.rp.tap import ENVIRONMENT, Options, makeService, options_from_env
@@ -291,3 +292,32 @@ def test_twistd_tac_with_a_malformed_variable() -> None:
     out = twistd("-ny", "tm3rp.tac", env={"TM3_PIPES": "lots"})
     assert out.returncode != 0
     assert "tm3rp.tac: TM3_PIPES='lots': --pipes must be a whole number in 1..1024" in out.stdout + out.stderr
+
+
+# -- the LP's addresses: one strict IPv4 parser (tm3/core/addresses.py) ---------------------
+
+
+def lp_options(*argv: str) -> lp_tap.Options:
+    config = lp_tap.Options()
+    config.parseOptions(["--remote", "127.0.0.1", "--pipes", "2", *argv])
+    return config
+
+
+@pytest.mark.parametrize("bad", ["010.0.0.1", "127.1", "0x7f.0.0.1", "1.2.3.256", "1.2.3.4."])
+def test_a_malformed_ipv4_forward_target_is_a_usage_error_naming_the_option(bad: str) -> None:
+    # inet_aton would take 010.0.0.1 for 8.0.0.1 and 127.1 for 127.0.0.1; the
+    # SYN encoder refused them, so such a forward was accepted and then every
+    # connection through it was reset at run time.
+    with pytest.raises(usage.UsageError, match=rf"^--forward: '{re.escape(bad)}' is not an IPv4 address"):
+        lp_options("--forward", f"tcp:8080:{bad}:80")
+
+
+def test_a_malformed_ipv4_remote_is_a_usage_error() -> None:
+    with pytest.raises(usage.UsageError, match=r"^--remote: '010.0.0.1' is not an IPv4 address"):
+        lp_tap.Options().parseOptions(["--remote", "010.0.0.1:6000", "--pipes", "2", "--socks", "tcp:0"])
+
+
+def test_forward_targets_are_ipv4_literals_or_resolved_names() -> None:
+    config = lp_options("--forward", "tcp:8080:10.0.0.5:80", "--forward", "tcp:8081:localhost:81")
+    assert config["forward"] == [("tcp:8080", "10.0.0.5", 80), ("tcp:8081", "127.0.0.1", 81)]
+    assert config["remote"] == ("127.0.0.1", 6000)

@@ -32,6 +32,8 @@ from enum import Enum
 
 from attrs import frozen
 
+from tm3.core.addresses import NotIPv4, parse_ipv4
+
 __all__ = [
     "CHAINS",
     "DEFAULT_TO_PORT",
@@ -53,7 +55,7 @@ __all__ = [
     "interface_exists",
     "main",
     "make_config",
-    "parse_ipv4",
+    "parse_rp_ip",
     "parse_port",
     "validate_interface",
 ]
@@ -101,11 +103,11 @@ class RedirectConfig:
 # --- validation (pure, apart from the interface lookup, which is injectable) --
 
 
-def parse_ipv4(text: str) -> ipaddress.IPv4Address:
+def parse_rp_ip(text: str) -> ipaddress.IPv4Address:
     """Parse the remote proxy's address; it must be a unicast IPv4 address."""
     try:
-        address = ipaddress.IPv4Address(text)
-    except ValueError:
+        address = parse_ipv4(text)
+    except NotIPv4:
         raise UsageError(f"RP_IP {text!r} is not an IPv4 address (dotted quad, e.g. 192.0.2.7)") from None
     if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
         raise UsageError(f"RP_IP {text} is not a unicast address")
@@ -166,7 +168,7 @@ def make_config(
         # build_install_rules), so this PORT would silently do nothing.
         raise UsageError(f"PORT {target} is the proxy's own port (--to-port); it cannot also be redirected")
     return RedirectConfig(
-        rp_ip=parse_ipv4(rp_ip),
+        rp_ip=parse_rp_ip(rp_ip),
         iface=validate_interface(iface, exists),
         ports=tuple(unique),
         to_port=target,
