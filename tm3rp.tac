@@ -1,7 +1,7 @@
 # Deploy the TM3 remote proxy with `twistd -ny tm3rp.tac` (or -y to daemonize).
 # Settings come from the environment; TM3_PIPES is required:
 #   TM3_PIPES=4 TM3_LISTEN=tcp:6000 TM3_MAX_PAYLOAD=4096 TM3_CONNECT_TIMEOUT=10 \
-#   TM3_CONN_QUEUE=4MiB TM3_TOTAL_QUEUE=64MiB twistd -ny tm3rp.tac
+#   TM3_CONN_QUEUE=4MiB TM3_TOTAL_QUEUE=64MiB TM3_ALLOW_TO="10.0.0.0/8" twistd -ny tm3rp.tac
 import sys
 
 from twisted.application import service

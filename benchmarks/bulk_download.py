@@ -69,6 +69,7 @@ async def start_rp(pipes: int, payload: int, profile: str | None) -> tuple[Proc,
     if profile:
         argv += ["--profiler", "cprofile", "--savestats", "--profile", profile]
     argv += ["tm3rp", "--pipes", str(pipes), "--listen", "tcp:0:interface=127.0.0.1", "--max-payload", str(payload)]
+    argv += ["--allow-to", "127.0.0.0/8"]  # the benchmark's server is on loopback
     daemon = spawn(argv)
     match = await with_timeout(daemon.when_output(LISTENING), 30)
     return daemon, int(match.group(1))

@@ -449,7 +449,16 @@ async def run(args: argparse.Namespace, workdir: str, proxies: list[Proxy], echo
     rp = Proxy(
         "rp",
         twistd,
-        [*profile("rp"), "tm3rp", "--pipes", str(args.pipes), "--listen", "tcp:0:interface=127.0.0.1"],
+        [
+            *profile("rp"),
+            "tm3rp",
+            "--pipes",
+            str(args.pipes),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--allow-to",
+            "127.0.0.0/8",
+        ],  # the echo server is on loopback
         workdir,
         args.nofile,
     )

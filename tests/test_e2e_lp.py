@@ -521,6 +521,23 @@ async def test_remote_connect_refused(env: Env, pipes: int, mode: str) -> None:
     assert rp.stats.ended_by == {"connect-failed": 1}
 
 
+@pytest_twisted.ensureDeferred
+async def test_socks_connects_to_the_rps_pipe_port_never_join_a_session(env: Env) -> None:
+    """Four SOCKS CONNECTs through the LP to the RP's own pipe port would form
+    a pipe set replacing the session (another user's, on a shared RP): each
+    is denied by the RP and reset, and the session carries on."""
+    rp, lp = await env.system(4)
+    clients = [await env.open(lp, "socks", rp.port) for _ in range(4)]
+    for client in clients:
+        reason = await within(client.lost.wait(), 10, "the denied connection to end")
+        assert was_reset(reason), f"the client saw {reason!r}, not a reset"
+    assert rp.stats.destinations_denied == 4 and rp.stats.ended_by == {"denied": 4}
+    assert rp.stats.sessions == 1 and not rp.session.ended
+    assert len(rp.service.pipe_factory.pending) == 0
+    srv = await env.server(servers.echo(env.reactor))
+    await env.echo_round_trip(lp, "socks", srv.port, b"still works")
+
+
 @PIPES
 @pytest_twisted.ensureDeferred
 async def test_server_resets_while_the_client_uploads(env: Env, pipes: int) -> None:

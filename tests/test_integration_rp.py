@@ -221,6 +221,34 @@ async def test_connect_refused_is_fin_0x99_seq_0(env: Env) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_loopback_service_is_denied_by_default(env: Env) -> None:
+    rp = await env.rp(1, allow_loopback=False)
+    srv = await env.server(servers.echo(env.reactor))
+    lp = await env.lp_client(rp.port, 1)
+    rx = lp.rx(1)
+    lp.send_raw(0, lp.syn_msg(1, HOST, srv.port) + lp.data_msg(1, 1, b"secret?"))
+    assert await with_timeout(rx.when_fin(), 10) == (RST, 0)
+    await until(lambda: forgotten(rp), 5, "the RP to forget the connection")
+    assert srv.factory.protocols == [], "the RP connected to its own loopback"
+    assert rp.stats.destinations_denied == 1 and rp.stats.ended_by == {"denied": 1}
+    assert rp.stats.connect_failures == 0
+    assert f"destination {HOST}:{srv.port} denied by built-in denial of 127.0.0.0/8" in env.logged()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_rps_own_pipe_port_is_denied_even_when_loopback_is_allowed(env: Env) -> None:
+    rp = await env.rp(2)  # --allow-to 127.0.0.0/8
+    lp = await env.lp_client(rp.port, 2)
+    rx = lp.rx(1)
+    # Four such connections would become a pipe set replacing this session.
+    lp.send_raw(0, lp.syn_msg(1, HOST, rp.port))
+    assert await with_timeout(rx.when_fin(), 10) == (RST, 0)
+    await until(lambda: forgotten(rp), 5, "the RP to forget the connection")
+    assert len(rp.service.pipe_factory.pending) == 0 and rp.stats.sessions == 1
+    assert f"destination {HOST}:{rp.port} denied by the RP's own pipe port {rp.port}" in env.logged()
+
+
+@pytest_twisted.ensureDeferred
 async def test_server_reset_mid_stream(env: Env) -> None:
     k = 300_000
     rp = await env.rp(2)
@@ -599,7 +627,9 @@ async def drive_daemon(env: Env, proc: Proc) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_twistd_plugin(env: Env) -> None:
-    proc = env.spawn([TWISTD, "-n", "--pidfile=", "tm3rp", "--pipes", "2", "--listen", f"tcp:0:interface={HOST}"])
+    proc = env.spawn(
+        [TWISTD, "-n", "--pidfile=", "tm3rp", "--pipes", "2", "--listen", f"tcp:0:interface={HOST}", "--allow-to", HOST]
+    )
     await drive_daemon(env, proc)
 
 
@@ -607,7 +637,7 @@ async def test_twistd_plugin(env: Env) -> None:
 async def test_twistd_tac_from_environment(env: Env) -> None:
     proc = env.spawn(
         [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "tm3rp.tac")],
-        {"TM3_PIPES": "2", "TM3_LISTEN": f"tcp:0:interface={HOST}"},
+        {"TM3_PIPES": "2", "TM3_LISTEN": f"tcp:0:interface={HOST}", "TM3_ALLOW_TO": f"{HOST}/32"},
     )
     await drive_daemon(env, proc)
 

@@ -99,6 +99,12 @@ def test_parked_with_the_peer_done_connects_and_half_closes() -> None:
     assert actions == [A.CONNECT, A.SHUTDOWN_WRITE]
 
 
+def test_a_denied_destination_is_0x99_without_a_connect() -> None:
+    life, actions = run(S.PARKED, E.PEER_FIN, E.DENIED)
+    assert actions == [A.SEND_RST, A.DROP_QUEUE]
+    assert life.over and life.how == "denied"
+
+
 def test_abort_names_why() -> None:
     life, actions = run(S.CONNECTING, E.CONNECTED)
     assert life.step(E.ABORT, "id-reused") == (A.RESET_SOCKET, A.DROP_QUEUE)
@@ -159,7 +165,7 @@ class Model:
         events = [E.ABORT]
         state = self.life.state
         if state in (S.PARKED, S.PARKED_PEER_DONE):
-            events.append(E.CONNECT)
+            events += [E.CONNECT, E.DENIED]
         if self.connecting and not self.connected and not self.socket_gone:
             events += [E.CONNECTED, E.CONNECT_FAILED]
         if self.connected and not self.socket_gone and not self.reset:
@@ -213,7 +219,7 @@ def test_any_possible_sequence_keeps_the_rules(start: State, picks: list[int]) -
         a_reset = A.SEND_RST in m.fins_sent or (life.peer_done and life.how == "rst")
         given_up = life.how in ("session-lost", "id-reused", "") and life.over
         if life.over:
-            assert both_fins or a_reset or given_up or life.how == "connect-failed", (life, m.fins_sent)
+            assert both_fins or a_reset or given_up or life.how in ("connect-failed", "denied"), (life, m.fins_sent)
         else:
             assert not both_fins and not a_reset
         if life.over:

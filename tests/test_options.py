@@ -136,7 +136,36 @@ def test_bad_listen_endpoint(listen: str) -> None:
 def test_every_option_is_tested_here() -> None:
     names = {p[0] for p in Options.optParameters}
     assert names == {o for o, _, _ in BAD} | {"listen"}
-    assert set(ENVIRONMENT.values()) == names
+    # The destination rules are opt_ methods: order matters between them.
+    assert set(ENVIRONMENT.values()) == names | {"allow-to", "deny-to"}
+
+
+@pytest.mark.parametrize(
+    ("option", "spec", "why"),
+    [
+        ("--allow-to", "localhost", "is not CIDR[:PORTS]"),
+        ("--allow-to", "010.0.0.0/8", "is not CIDR[:PORTS]"),
+        ("--deny-to", "10.0.0.0/33", "is not CIDR[:PORTS]"),
+        ("--deny-to", "10.0.0.0/8:http", "ports must be N, N-M"),
+        ("--allow-to", "10.0.0.0/8:90-80", "outside 0..65535 or reversed"),
+        ("--allow-to", "10.0.0.0/8:70000", "outside 0..65535 or reversed"),
+    ],
+)
+def test_bad_destination_rules(option: str, spec: str, why: str) -> None:
+    message = usage_error("--pipes", "2", option, spec)
+    assert message.startswith(f"{option}: {spec!r}") and why in message, message
+
+
+def test_destination_rules_keep_their_order_across_both_options() -> None:
+    config = Options()
+    config.parseOptions(
+        ["--pipes", "2", "--allow-to", "127.0.0.1:8080", "--deny-to", "0.0.0.0/0", "--allow-to", "10.1.0.0/16"]
+    )
+    assert [str(r) for r in config["destination-rules"]] == [
+        "--allow-to 127.0.0.1:8080",
+        "--deny-to 0.0.0.0/0",
+        "--allow-to 10.1.0.0/16",
+    ]
 
 
 # -- the environment, for tm3rp.tac -------------------------------------------------------

@@ -60,14 +60,17 @@ class Env:
 
     # -- our proxies ----------------------------------------------------------------------
 
-    async def rp(self, pipes: int = 1, *extra: str, port: int = 0) -> RP:
+    async def rp(self, pipes: int = 1, *extra: str, port: int = 0, allow_loopback: bool = True) -> RP:
         """An RP for ``pipes`` pipes listening on ``port`` (0: any), with the
-        ``extra`` options; a port :meth:`hold_port` holds is released first."""
+        ``extra`` options; a port :meth:`hold_port` holds is released first.
+        The test servers listen on loopback, which an RP refuses by default:
+        ``allow_loopback`` allows it (``--allow-to 127.0.0.0/8``)."""
         held = self.held_ports.pop(port, None)
         if held is not None:
             held.close()
         config = rp_tap.Options()
-        config.parseOptions(["--pipes", str(pipes), "--listen", f"tcp:{port}:interface={HOST}", *extra])
+        allow = ["--allow-to", "127.0.0.0/8"] if allow_loopback else []
+        config.parseOptions(["--pipes", str(pipes), "--listen", f"tcp:{port}:interface={HOST}", *allow, *extra])
         service = rp_tap.makeService(config, self.reactor)
         service.startService()
         listening = await within(service.when_listening(), 5, "the RP to listen")

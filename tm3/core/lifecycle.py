@@ -48,6 +48,7 @@ class Event(enum.Enum):
     CONNECT = "connect"  # start the connect (RP: the SYN, or a parked connection's turn)
     CONNECTED = "connected"  # the socket is up and attached
     CONNECT_FAILED = "connect failed"
+    DENIED = "destination denied"  # RP: the destination policy refuses the SYN's address
     PEER_FIN = "peer FIN 0x88"  # in order, from the pipes
     PEER_RST = "peer FIN 0x99"
     SOCKET_EOF = "socket EOF"  # the socket's peer finished sending
@@ -95,6 +96,8 @@ TRANSITIONS: Mapping[tuple[State, Event], Transition] = {
     (S.PARKED, E.PEER_RST): _t(_OVER, A.DROP_QUEUE, how="rst"),
     (S.PARKED, E.ABORT): _t(_OVER, A.DROP_QUEUE),
     (S.PARKED_PEER_DONE, E.CONNECT): _t(S.CONNECTING_PEER_DONE, A.CONNECT),
+    (S.PARKED, E.DENIED): _t(_OVER, A.SEND_RST, A.DROP_QUEUE, how="denied"),
+    (S.PARKED_PEER_DONE, E.DENIED): _t(_OVER, A.SEND_RST, A.DROP_QUEUE, how="denied"),
     (S.PARKED_PEER_DONE, E.ABORT): _t(_OVER, A.DROP_QUEUE),
     (S.CONNECTING, E.CONNECTED): _t(S.OPEN),
     (S.CONNECTING, E.CONNECT_FAILED): _t(_OVER, A.SEND_RST, A.DROP_QUEUE, how="connect-failed"),

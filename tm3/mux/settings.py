@@ -38,6 +38,7 @@ class Stats:
     connections_opened: int = 0
     connections_closed: int = 0
     connect_failures: int = 0
+    destinations_denied: int = 0
     bytes_from_pipes: int = 0  # payload written to sockets
     bytes_to_pipes: int = 0  # payload read from sockets
     messages_received: int = 0

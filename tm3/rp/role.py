@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tm3.core.destinations import DestinationPolicy
 from tm3.core.lifecycle import Event, State
 from tm3.core.reorder import ReorderError
 from tm3.core.wire import Message, ProtocolError, Syn, encode, wire_size
@@ -75,8 +76,9 @@ class RemoteRole:
     log = Logger()
     upload_from_pipes = True
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, destinations: DestinationPolicy | None = None) -> None:
         self.session = session
+        self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.reactor = session.reactor
         self.settings = session.settings
         self.stats = session.stats
@@ -147,8 +149,23 @@ class RemoteRole:
 
     def syn_delivered(self, conn: Connection, msg: Syn) -> None:
         if self.session.conns.get(conn.conn_id) is conn:
-            self.session.event(conn, Event.CONNECT)
+            self._start(conn)
         # else: parked behind the id's older connection, which starts it when over
+
+    def _start(self, conn: Connection) -> None:
+        verdict = self.destinations.check(conn.host, conn.port)
+        if verdict.allowed:
+            self.session.event(conn, Event.CONNECT)
+            return
+        self.stats.destinations_denied += 1
+        self.log.info(
+            "conn {conn_id}: destination {host}:{port} denied by {rule}",
+            conn_id=conn.conn_id,
+            host=conn.host,
+            port=conn.port,
+            rule=verdict.rule,
+        )
+        self.session.event(conn, Event.DENIED)
 
     def after_fin(self, conn: Connection, messages: list[Message]) -> None:
         for m in messages:
@@ -253,7 +270,7 @@ class RemoteRole:
             parked = self.parked.pop(cid, None)
             if parked is not None and not parked.life.over:
                 session.conns[cid] = parked
-                session.event(parked, Event.CONNECT)
+                self._start(parked)
                 self._route_held(held)
             else:
                 del session.conns[cid]

@@ -8,6 +8,8 @@ another.
 
 from __future__ import annotations
 
+import functools
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from tm3.core.destinations import DestinationPolicy
 from tm3.mux.pipes import PipeGathering, PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
@@ -31,9 +34,13 @@ class Multiplexer(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: IProxyReactor, settings: Settings) -> None:
+    def __init__(
+        self, reactor: IProxyReactor, settings: Settings, destinations: DestinationPolicy | None = None
+    ) -> None:
         self.settings = settings
-        self.sessions = Sessions(reactor, settings, RemoteRole, on_up=self._up)
+        self.destinations = destinations if destinations is not None else DestinationPolicy()
+        role = functools.partial(RemoteRole, destinations=self.destinations)
+        self.sessions = Sessions(reactor, settings, role, on_up=self._up)
         self.stats = self.sessions.stats
 
     @property
@@ -55,6 +62,17 @@ class Multiplexer(Service):
     def stopService(self) -> Any:
         self.sessions.end("service stopping")
         return super().stopService()
+
+
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` is one of this host's addresses: only those can be
+    bound (EADDRNOTAVAIL otherwise)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError:
+            return False
+    return True
 
 
 class PipeFactory(Factory):

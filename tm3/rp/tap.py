@@ -14,6 +14,7 @@ from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from tm3.core.destinations import BadRule, DestinationPolicy, parse_rule
 from tm3.listening import ListeningService
 from tm3.mux.settings import Settings
 from tm3.options import (
@@ -25,7 +26,7 @@ from tm3.options import (
     settings_from,
 )
 from tm3.reactor import IProxyReactor, default_reactor
-from tm3.rp.service import Multiplexer, PipeFactory
+from tm3.rp.service import Multiplexer, PipeFactory, is_local_address
 
 ENVIRONMENT = {
     "TM3_PIPES": "pipes",
@@ -36,6 +37,8 @@ ENVIRONMENT = {
     "TM3_TOTAL_QUEUE": "total-queue",
     "TM3_REORDER_WINDOW": "reorder-window",
     "TM3_TOTAL_REORDER_WINDOW": "total-reorder-window",
+    "TM3_ALLOW_TO": "allow-to",  # rules separated by spaces; the allow rules come first
+    "TM3_DENY_TO": "deny-to",
 }
 
 
@@ -52,6 +55,30 @@ class Options(usage.Options):
          "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path)."],
         *TUNING_PARAMETERS,
     ]  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["destination-rules"] = []
+
+    def opt_allow_to(self, spec: str) -> None:
+        """CIDR[:PORTS]: let the LP reach these destinations (repeatable; rules
+        apply in the order given, the first that matches decides). Needed for
+        loopback, 0.0.0.0/8, 169.254.0.0/16, multicast and broadcast, which are
+        denied otherwise. PORTS: 80, 80,443 or 8000-8999."""
+        self._rules("allow-to", spec, allow=True)
+
+    def opt_deny_to(self, spec: str) -> None:
+        """CIDR[:PORTS]: refuse these destinations with FIN 0x99 (repeatable, in
+        order with --allow-to). End with --deny-to 0.0.0.0/0 to allow only the
+        --allow-to destinations."""
+        self._rules("deny-to", spec, allow=False)
+
+    def _rules(self, option: str, spec: str, allow: bool) -> None:
+        for text in spec.split():
+            try:
+                self["destination-rules"].append(parse_rule(text, allow))
+            except BadRule as e:
+                raise usage.UsageError(f"--{option}: {e}") from None
 
     def postOptions(self) -> None:
         if self["pipes"] is None:
@@ -70,12 +97,21 @@ class RemoteProxyService(MultiService):
     def __init__(self, config: Options, reactor: IProxyReactor) -> None:
         super().__init__()
         self.setName("tm3rp")
-        self.multiplexer = Multiplexer(reactor, config.settings())
+        self.destinations = DestinationPolicy(config["destination-rules"], is_own_address=is_local_address)
+        self.multiplexer = Multiplexer(reactor, config.settings(), self.destinations)
         self.multiplexer.setServiceParent(self)
         self.pipe_factory = PipeFactory(config["pipes"], reactor, self.multiplexer.start_session)
         endpoint = endpoints.serverFromString(reactor, config["listen"])
         self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
         self.listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        # A carried connection to our own pipe port would join a session as a pipe.
+        port = self.listener.port
+        pipe_port = getattr(port.getHost(), "port", None) if port is not None else None
+        if isinstance(pipe_port, int):
+            self.destinations.own_ports.add(pipe_port)
 
     def when_listening(self) -> Any:
         return self.listener.when_listening()

@@ -107,7 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_for_port(srv_port, srv, srv_log)
         print(f"  test server  127.0.0.1:{srv_port}")
         rp = start(
-            twistd(rp_log, "tm3rp", "--pipes", str(args.pipes), "--listen", f"tcp:{rp_port}:interface=127.0.0.1"),
+            twistd(
+                rp_log,
+                "tm3rp",
+                "--pipes",
+                str(args.pipes),
+                "--listen",
+                f"tcp:{rp_port}:interface=127.0.0.1",
+                "--allow-to",
+                f"127.0.0.1:{srv_port}",
+            ),  # the test server is on loopback, denied by default
             rp_log,
         )
         wait_for_line("listening on", rp, rp_log)
