@@ -522,6 +522,30 @@ async def test_remote_connect_refused(env: Env, pipes: int, mode: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_server_that_never_reads_stalls_the_others_only_until_the_stall_timeout(env: Env) -> None:
+    """v1 has no per-connection window: a server that takes nothing fills
+    its queue, the RP stops reading every pipe, and every connection waits.
+    Without a bound that lasted for good (not even the LP's 0x99 for the
+    uploader could be read). After --stall-timeout the RP resets that one
+    connection, and the others go on."""
+    stuck = await env.server(servers.never_read(env.reactor, rcvbuf=4096))
+    echo = await env.server(servers.echo(env.reactor))
+    rp = await env.rp(4, "--stall-timeout", "1", "--conn-queue", "256KiB")
+    lp = await env.lp(rp.port, 4, [stuck.port, echo.port])
+    uploader = await env.open(lp, "forward", stuck.port, index=0)
+    PatternProducer(uploader.transport, 256 * MiB, seed=1)
+    await until(lambda: rp.session.pipes.reading_paused, 10, "the RP to stop reading its pipes")
+    started = time.monotonic()
+    await env.echo_round_trip(lp, "forward", echo.port, b"ping" * 1000, index=1)
+    waited = time.monotonic() - started
+    reason = await within(uploader.lost.wait(), 10, "the uploader's reset")
+    assert was_reset(reason), reason
+    assert rp.stats.stalled_resets == 1 and rp.stats.ended_by.get("stalled") == 1
+    assert 0.5 < waited < 5, f"the echo waited {waited:.2f} s"
+    assert not rp.session.pipes.reading_paused
+
+
+@pytest_twisted.ensureDeferred
 async def test_socks_connects_to_the_rps_pipe_port_never_join_a_session(env: Env) -> None:
     """Four SOCKS CONNECTs through the LP to the RP's own pipe port would form
     a pipe set replacing the session (another user's, on a shared RP): each

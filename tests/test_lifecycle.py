@@ -105,6 +105,16 @@ def test_a_denied_destination_is_0x99_without_a_connect() -> None:
     assert life.over and life.how == "denied"
 
 
+def test_a_stalled_connection_is_reset_both_ways() -> None:
+    life, actions = run(S.CONNECTING, E.CONNECTED, E.STALLED)
+    assert actions == [A.RESET_SOCKET, A.SEND_RST, A.DROP_QUEUE]
+    assert life.over and life.how == "stalled"
+    # After our 0x88 the peer cannot be told: the socket goes, its data is dropped.
+    life, actions = run(S.CONNECTING, E.CONNECTED, E.SOCKET_EOF, E.STALLED)
+    assert actions == [A.SEND_FIN, A.RESET_SOCKET, A.DROP_QUEUE]
+    assert life.state is S.CLOSED_LOCAL_DONE
+
+
 def test_abort_names_why() -> None:
     life, actions = run(S.CONNECTING, E.CONNECTED)
     assert life.step(E.ABORT, "id-reused") == (A.RESET_SOCKET, A.DROP_QUEUE)
@@ -174,6 +184,11 @@ class Model:
             events += [E.SOCKET_CLOSED, E.SOCKET_RESET]
         if not self.peer_done and state is not S.OVER:
             events += [E.PEER_FIN, E.PEER_RST]
+        # The stall check picks connections with a queue: any but one whose
+        # socket is gone for good.
+        if state is not S.CLOSED_LOCAL_DONE and (state is not S.OVER or (self.connected and not self.socket_gone)):
+            if not self.reset:
+                events.append(E.STALLED)
         return events
 
     def apply(self, event: Event) -> None:
@@ -217,7 +232,7 @@ def test_any_possible_sequence_keeps_the_rules(start: State, picks: list[int]) -
         # "Over" is exactly the protocol's definition.
         both_fins = bool(m.fins_sent) and m.peer_done
         a_reset = A.SEND_RST in m.fins_sent or (life.peer_done and life.how == "rst")
-        given_up = life.how in ("session-lost", "id-reused", "") and life.over
+        given_up = life.how in ("session-lost", "id-reused", "stalled", "") and life.over
         if life.over:
             assert both_fins or a_reset or given_up or life.how in ("connect-failed", "denied"), (life, m.fins_sent)
         else:

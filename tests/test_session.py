@@ -576,6 +576,58 @@ def pipe_states(rp: RP) -> list[str]:
     return [t.producerState for _, t in rp.pipes]
 
 
+def test_a_server_that_takes_nothing_while_the_pipes_are_paused_is_reset_after_the_stall_timeout(
+    logs: LogCapture,
+) -> None:
+    rp = RP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=1 * MiB, stall_timeout=5.0)
+    session = rp.up()
+    _, slow = open_conn(rp, cid=3)
+    _, fine = open_conn(rp, cid=4)
+    rp.sent()
+    slow.producer.pauseProducing()
+    for seq in range(1, 18):
+        rp.send(Data(3, seq, bytes(4096)), pipe=seq % 2)
+    assert pipe_states(rp) == ["paused", "paused"]
+    # A connection with a queue that moves is not touched.
+    fine.producer.pauseProducing()
+    rp.send(Data(4, 1, b"x" * 100))
+    rp.reactor.advance(4.0)
+    fine.producer.resumeProducing()
+    assert fine.value() == b"x" * 100
+    rp.reactor.advance(0.999)
+    assert not slow.disconnected and pipe_states(rp) == ["paused", "paused"]
+    rp.reactor.advance(0.001)
+    # Conn 3 took nothing for 5 s while it held every pipe: reset, the LP told,
+    # its queue dropped, the pipes read again.
+    assert slow.disconnected and slow.protocol.aborted  # RST to the server
+    assert rp.sent() == [Fin(3, 0, 0x99)]
+    assert pipe_states(rp) == ["producing", "producing"]
+    assert session.inbound.queued_total == 0
+    assert rp.mux.stats.stalled_resets == 1 and rp.mux.stats.ended_by == {"stalled": 1}
+    assert logs.matching("conn 3 to 93.184.216.34:443: its socket took none of its 69632 queued bytes in 5 s")
+    assert not fine.disconnected and 4 in session.conns
+    # The LP's tail for conn 3 is dropped; the session carries on.
+    rp.send(Data(3, 18, b"late"), Fin(3, 19, 0x99))
+    rp.send(Data(4, 2, b"more"))
+    assert fine.value() == b"x" * 100 + b"more"
+    assert rp.reactor.getDelayedCalls() == []  # no stall check left behind
+
+
+def test_the_stall_check_stops_when_the_pipes_resume() -> None:
+    rp = RP(n=1, conn_queue_limit=64 * KiB, stall_timeout=5.0)
+    rp.up()
+    _, server = open_conn(rp)
+    server.producer.pauseProducing()
+    for seq in range(1, 18):
+        rp.send(Data(3, seq, bytes(4096)))
+    assert pipe_states(rp) == ["paused"]
+    server.producer.resumeProducing()
+    assert pipe_states(rp) == ["producing"]
+    assert [c for c in rp.reactor.getDelayedCalls() if c.active()] == []
+    rp.reactor.advance(10)
+    assert not server.disconnected
+
+
 def test_past_the_conn_queue_all_pipes_pause_until_half_drained(logs: LogCapture) -> None:
     rp = RP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=1 * MiB)
     session = rp.up()

@@ -74,6 +74,8 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["connect-timeout", None, "10", "Seconds to wait for a connect before reporting failure (0 < s <= 3600)."],
     ["conn-queue", None, "4MiB", "Bytes queued for one slow socket before all pipes pause (64KiB..1GiB)."],
     ["total-queue", None, "64MiB", "Bytes queued for all sockets before all pipes pause (64KiB..16GiB)."],
+    ["stall-timeout", None, "10", "Seconds a socket may take none of its queue while the queues keep every pipe "
+     "paused; then that connection is reset (0 < s <= 3600)."],
     ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
     ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
 ]  # fmt: skip
@@ -85,6 +87,7 @@ def parse_tuning(config: usage.Options) -> None:
     config["connect-timeout"] = parse_seconds("connect-timeout", config["connect-timeout"], 0, 3600)
     config["conn-queue"] = parse_size("conn-queue", config["conn-queue"], 64 * 1024, 1024**3)
     config["total-queue"] = parse_size("total-queue", config["total-queue"], 64 * 1024, 16 * 1024**3)
+    config["stall-timeout"] = parse_seconds("stall-timeout", config["stall-timeout"], 0, 3600)
     config["reorder-window"] = parse_size("reorder-window", config["reorder-window"], 1024**2, 16 * 1024**3)
     config["total-reorder-window"] = parse_size(
         "total-reorder-window", config["total-reorder-window"], 1024**2, 64 * 1024**3
@@ -97,6 +100,7 @@ def settings_from(config: usage.Options) -> Settings:
         connect_timeout=config["connect-timeout"],
         conn_queue_limit=config["conn-queue"],
         total_queue_limit=config["total-queue"],
+        stall_timeout=config["stall-timeout"],
         window_bytes=config["reorder-window"],
         total_window_bytes=config["total-reorder-window"],
     )

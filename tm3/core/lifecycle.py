@@ -55,6 +55,7 @@ class Event(enum.Enum):
     SOCKET_CLOSED = "socket closed"  # connectionLost, orderly
     SOCKET_RESET = "socket reset"  # connectionLost, anything else
     ABORT = "abort"  # our own decision: session lost, id reused
+    STALLED = "stalled"  # its socket took nothing for a while its queue held every pipe paused
 
 
 class Action(enum.Enum):
@@ -128,6 +129,16 @@ TRANSITIONS: Mapping[tuple[State, Event], Transition] = {
     (S.CLOSED_LOCAL_DONE, E.PEER_FIN): _t(_OVER, how="fin"),
     (S.CLOSED_LOCAL_DONE, E.PEER_RST): _t(_OVER, how="rst"),
     (S.CLOSED_LOCAL_DONE, E.ABORT): _t(_OVER),
+    # -- given up because its queue stalled every pipe (v1 has no window) ------
+    (S.PARKED, E.STALLED): _t(_OVER, A.SEND_RST, A.DROP_QUEUE, how="stalled"),
+    (S.PARKED_PEER_DONE, E.STALLED): _t(_OVER, A.SEND_RST, A.DROP_QUEUE, how="stalled"),
+    (S.CONNECTING, E.STALLED): _t(_OVER, A.RESET_SOCKET, A.SEND_RST, A.DROP_QUEUE, how="stalled"),
+    (S.CONNECTING_PEER_DONE, E.STALLED): _t(_OVER, A.RESET_SOCKET, A.SEND_RST, A.DROP_QUEUE, how="stalled"),
+    (S.OPEN, E.STALLED): _t(_OVER, A.RESET_SOCKET, A.SEND_RST, A.DROP_QUEUE, how="stalled"),
+    (S.OPEN_PEER_DONE, E.STALLED): _t(_OVER, A.RESET_SOCKET, A.SEND_RST, A.DROP_QUEUE, how="stalled"),
+    # Our 0x88 is out: the peer can only be told by dropping what it sends.
+    (S.OPEN_LOCAL_DONE, E.STALLED): _t(S.CLOSED_LOCAL_DONE, A.RESET_SOCKET, A.DROP_QUEUE),
+    (S.OVER, E.STALLED): _t(_OVER, A.RESET_SOCKET, A.DROP_QUEUE),
     # -- over: the socket may still be finishing its teardown ----------------
     (S.OVER, E.CONNECTED): _t(_OVER, A.RESET_SOCKET),  # given up while the connect was in flight
     (S.OVER, E.CONNECT_FAILED): _NOTHING,  # we stopped that connect ourselves

@@ -209,7 +209,7 @@ class Session:
             self.reset_socket(conn)
             self.inbound.drop_queue(conn)
         self.conns.clear()
-        self.inbound.over_ceiling.clear()
+        self.inbound.close()
         self.role.session_ended()
         self.outbound.close()
         self.log.info(

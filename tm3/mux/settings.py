@@ -26,6 +26,7 @@ class Settings:
     orphan_id_limit: int = 1 * MiB
     orphan_total_limit: int = 16 * MiB
     reuse_grace: float = 2.0
+    stall_timeout: float = 10.0
 
 
 @define
@@ -47,6 +48,7 @@ class Stats:
     tail_bytes_dropped: int = 0
     live_id_reuses: int = 0
     upload_pauses: int = 0
+    stalled_resets: int = 0
     download_pauses: int = 0
     ended_by: dict[str, int] = field(factory=dict)
 

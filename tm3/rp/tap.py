@@ -35,6 +35,7 @@ ENVIRONMENT = {
     "TM3_CONNECT_TIMEOUT": "connect-timeout",
     "TM3_CONN_QUEUE": "conn-queue",
     "TM3_TOTAL_QUEUE": "total-queue",
+    "TM3_STALL_TIMEOUT": "stall-timeout",
     "TM3_REORDER_WINDOW": "reorder-window",
     "TM3_TOTAL_REORDER_WINDOW": "total-reorder-window",
     "TM3_ALLOW_TO": "allow-to",  # rules separated by spaces; the allow rules come first
