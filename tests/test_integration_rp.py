@@ -31,8 +31,9 @@ from tests.support.ports import HOST
 from tests.support.processes import LISTENING, REPO_ROOT, TWISTD, Proc
 from tests.support.proxies import RP
 from tests.support.servers import twisted_buffered, was_reset
-from tests.support.waiting import steady, until, with_timeout
+from tests.support.waiting import sleep, steady, until, with_timeout
 from tm3.core import wire
+from tm3.mux.pipes import EARLY_READ_LIMIT, MAX_EARLY_BYTES
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -368,6 +369,62 @@ async def test_newer_complete_set_replaces_a_live_session(env: Env) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_idle_sockets_from_another_address_do_not_replace_a_live_session(env: Env) -> None:
+    """Four idle TCP connections to the pipe port used to replace the session
+    (its downloads reset). From another address they are a session of their
+    own: the transfer in flight completes."""
+    rp = await env.rp(4)
+    echo = await env.server(servers.echo(env.reactor))
+    user = await env.lp_client(rp.port, 4)
+    data = Pattern(21).bytes(4 * MiB)
+    rx = user.open(1, HOST, echo.port)
+    user.send(1, data[: len(data) // 2])
+    await with_timeout(rx.when_received(MiB), 10)
+    first = rp.session
+    await env.lp_client(rp.port, 4, source="127.0.0.2")  # sends nothing
+    await until(lambda: rp.stats.sessions == 2, 5, "the intruder's set to form")
+    user.send(1, data[len(data) // 2 :])
+    user.fin(1)
+    assert await with_timeout(rx.when_fin(), 20) == (FIN, rx.messages - 1)
+    assert bytes(rx.data) == data
+    assert not first.ended and rp.stats.sessions_ended == 0
+    assert set(rp.service.multiplexer.sessions.by_key) == {"127.0.0.1", "127.0.0.2"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_from_another_address_never_joins_the_users_pipe_set(env: Env) -> None:
+    rp = await env.rp(2)
+    echo = await env.server(servers.echo(env.reactor))
+    user = LPClient(env.reactor, rp.port, 2)
+    env.lp_clients.append(user)
+    await with_timeout(user.connect_pipe(), 5)
+    intruder = LPClient(env.reactor, rp.port, 1, source="127.0.0.2")
+    env.lp_clients.append(intruder)
+    await with_timeout(intruder.connect_pipe(), 5)
+    await until(lambda: len(rp.service.pipe_factory.pending) == 2, 5, "both pending")
+    await with_timeout(user.connect_pipe(), 5)
+    await until(lambda: rp.stats.sessions == 1, 5, "the user's session")
+    peers = {p.transport.getPeer().host for p in rp.session.pipes.pipes}
+    assert peers == {"127.0.0.1"}
+    assert [p.peer_host for p in rp.service.pipe_factory.pending] == ["127.0.0.2"]
+    await echo_over_pipes(user, 1, echo.port, b"only my pipes")
+    assert intruder.unknown == [] and all(p.bytes_received == 0 for p in intruder.pipes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_lps_on_one_rp_are_both_served_at_once(env: Env) -> None:
+    rp = await env.rp(2)
+    echo = await env.server(servers.echo(env.reactor))
+    lps = [await env.lp_client(rp.port, 2, source=f"127.0.0.{i}") for i in (1, 3)]
+    for round_ in range(3):  # they used to knock each other's session off
+        await defer.gatherResults(
+            [defer.ensureDeferred(echo_over_pipes(lp, 10 * round_ + i, echo.port, b"both")) for i, lp in enumerate(lps)]
+        )
+        await sleep(0.6)
+    assert rp.stats.sessions == 2 and rp.stats.sessions_ended == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_protocol_error_closes_the_pipes_and_a_new_session_works(env: Env) -> None:
     rp = await env.rp(2)
     echo = await env.server(servers.echo(env.reactor))
@@ -465,8 +522,11 @@ async def test_bytes_sent_before_the_set_is_complete_are_kept(env: Env) -> None:
     data = Pattern(14).bytes(100_000)
     rx = lp.open(1, HOST, echo.port, pipe=0)
     lp.send(1, data, pipe=0)
-    pending = rp.service.pipe_factory.pending.pipes
-    await until(lambda: len(pending) == 1 and pending[0].early_bytes == len(data) + 14 + 25 * 8, 5, "early bytes")
+    factory = rp.service.pipe_factory
+    await until(lambda: len(factory.pending) == 1 and factory.pending[0].early_paused, 5, "the pipe to stop being read")
+    # It keeps a bounded part; the kernel holds the rest until the set is complete.
+    early = factory.pending[0].early_bytes
+    assert EARLY_READ_LIMIT <= early <= MAX_EARLY_BYTES and early < len(data), early
     await with_timeout(lp.connect_pipe(), 5)
     lp.send(1, b"more", pipe=1)
     assert rp.session is None and rp.stats.connections_opened == 0

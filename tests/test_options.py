@@ -99,6 +99,9 @@ BAD = [
     ("conn-queue", "2GiB", "65536..1073741824"),
     ("conn-queue", "-1", "65536..1073741824"),
     ("conn-queue", "4MB", "65536..1073741824"),
+    ("max-pending-pipes", "1", "2..65536"),
+    ("max-pending-pipes", "65537", "2..65536"),
+    ("max-pending-pipes", "many", "2..65536"),
     ("stall-timeout", "0", "more than 0 and at most 3600"),
     ("stall-timeout", "3601", "more than 0 and at most 3600"),
     ("stall-timeout", "never", "more than 0 and at most 3600"),
@@ -140,7 +143,7 @@ def test_every_option_is_tested_here() -> None:
     names = {p[0] for p in Options.optParameters}
     assert names == {o for o, _, _ in BAD} | {"listen"}
     # The destination rules are opt_ methods: order matters between them.
-    assert set(ENVIRONMENT.values()) == names | {"allow-to", "deny-to"}
+    assert set(ENVIRONMENT.values()) == names | {"allow-from", "allow-to", "deny-to"}
 
 
 @pytest.mark.parametrize(
@@ -152,6 +155,8 @@ def test_every_option_is_tested_here() -> None:
         ("--deny-to", "10.0.0.0/8:http", "ports must be N, N-M"),
         ("--allow-to", "10.0.0.0/8:90-80", "outside 0..65535 or reversed"),
         ("--allow-to", "10.0.0.0/8:70000", "outside 0..65535 or reversed"),
+        ("--allow-from", "10.0.0.0/8:80", "takes no ports, only CIDR"),
+        ("--allow-from", "nope", "is not CIDR[:PORTS]"),
     ],
 )
 def test_bad_destination_rules(option: str, spec: str, why: str) -> None:

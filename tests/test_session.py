@@ -4,9 +4,12 @@ and 9), protocol errors and the per-connection log lines."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, TCPTimedOutError
 from twisted.python.failure import Failure
 
@@ -14,7 +17,7 @@ from tests.support.logs import LogCapture
 from tests.support.rp_harness import RP
 from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
-from tm3.mux.pipes import FLUSH_THRESHOLD, MAX_EARLY_BYTES
+from tm3.mux.pipes import EARLY_READ_LIMIT, FLUSH_THRESHOLD, MAX_EARLY_BYTES
 from tm3.rp.service import PENDING_TIMEOUT
 
 KiB = 1024
@@ -35,7 +38,7 @@ def test_pipes_wait_until_the_set_is_complete_and_early_bytes_are_replayed() -> 
     p0, _ = rp.add_pipe()
     p1, _ = rp.add_pipe()
     assert rp.mux.session is None
-    assert rp.factory.pending.pipes == [p0, p1]
+    assert rp.factory.pending == [p0, p1]
     # A fast LP: messages before the set is complete are kept, not acted on.
     p0.dataReceived(encode_syn(3, HOST, PORT) + encode_data(3, 1, b"he"))
     p1.dataReceived(encode_data(3, 2, b"llo")[:5])
@@ -44,7 +47,7 @@ def test_pipes_wait_until_the_set_is_complete_and_early_bytes_are_replayed() -> 
     session = rp.mux.session
     assert session is not None
     assert session.pipes.pipes == [p0, p1, p2]
-    assert rp.factory.pending.pipes == []
+    assert rp.factory.pending == []
     # The replayed SYN connected, the replayed DATA is queued for it.
     assert [(h, p) for h, p, *_ in rp.reactor.tcpClients] == [(HOST, PORT)]
     p1.dataReceived(encode_data(3, 2, b"llo")[5:])
@@ -54,6 +57,72 @@ def test_pipes_wait_until_the_set_is_complete_and_early_bytes_are_replayed() -> 
     rp.reactor.advance(PENDING_TIMEOUT * 2)
     assert rp.mux.session is session
     assert not any(t.disconnected for _, t in [(p0, p0.transport), (p1, p1.transport), (p2, p2.transport)])
+
+
+def test_sets_from_two_addresses_are_two_sessions_side_by_side() -> None:
+    rp = RP(n=2)
+    a0, _ = rp.add_pipe("10.9.0.1")
+    b0, _ = rp.add_pipe("10.9.0.2")
+    assert rp.mux.session is None  # one pipe each: neither set is complete
+    a1, _ = rp.add_pipe("10.9.0.1")
+    first = rp.session
+    assert first.pipes.pipes == [a0, a1]
+    b1, _ = rp.add_pipe("10.9.0.2")
+    second = rp.session
+    assert second is not first and second.pipes.pipes == [b0, b1]
+    assert not first.ended and rp.mux.sessions.by_key == {"10.9.0.1": first, "10.9.0.2": second}
+    # A new complete set replaces only the session from its own address.
+    rp.add_pipe("10.9.0.2")
+    rp.add_pipe("10.9.0.2")
+    assert second.ended and not first.ended
+    assert len(rp.mux.sessions.by_key) == 2
+    # Stopping the service ends them all.
+    rp.mux.stopService()
+    assert first.ended and rp.mux.sessions.by_key == {}
+
+
+def test_a_pipe_from_another_address_never_completes_a_set(logs: LogCapture) -> None:
+    rp = RP(n=3)
+    rp.add_pipe("10.9.0.1")
+    rp.add_pipe("10.9.0.1")
+    intruder, _ = rp.add_pipe("10.66.0.1")
+    assert rp.mux.session is None
+    p2, _ = rp.add_pipe("10.9.0.1")
+    assert intruder not in rp.session.pipes.pipes and p2 in rp.session.pipes.pipes
+    assert rp.factory.pending == [intruder]
+
+
+def test_allow_from_refuses_pipes_from_elsewhere_at_accept(logs: LogCapture) -> None:
+    rp = RP(n=1)
+    rp.factory.allow_from = (ipaddress.IPv4Network("10.9.0.0/24"),)
+    assert rp.factory.buildProtocol(IPv4Address("TCP", "10.66.0.1", 5000)) is None
+    assert logs.matching("pipe from 10.66.0.1 refused: not in --allow-from")
+    assert rp.up("10.9.0.7") is not None
+
+
+def test_pending_pipes_are_bounded_in_all(logs: LogCapture) -> None:
+    rp = RP(n=2)
+    rp.factory.max_pending = 3
+    for i in range(3):
+        rp.add_pipe(f"10.66.0.{i + 1}")
+    assert rp.factory.buildProtocol(IPv4Address("TCP", "10.66.0.9", 5000)) is None
+    assert logs.matching("pipe from 10.66.0.9 refused: 3 pipes already wait for their sets")
+    # One leaves: room again.
+    rp.factory.pending[0].connectionLost(Failure(ConnectionDone()))
+    assert rp.factory.buildProtocol(IPv4Address("TCP", "10.66.0.9", 5000)) is not None
+
+
+def test_a_pending_pipe_is_not_read_past_64_kib_until_its_set_is_complete() -> None:
+    rp = RP(n=2)
+    p0, t0 = rp.add_pipe()
+    p0.dataReceived(encode_syn(3, HOST, PORT) + encode_data(3, 1, b"x" * (EARLY_READ_LIMIT - 30)))
+    assert t0.producerState == "producing"
+    p0.dataReceived(encode_data(3, 2, b"y" * 100))
+    assert t0.producerState == "paused"  # the kernel holds the rest meanwhile
+    rp.add_pipe()
+    assert t0.producerState == "producing"
+    _, server = rp.accept()
+    assert server.value() == b"x" * (EARLY_READ_LIMIT - 30) + b"y" * 100
 
 
 def test_a_pending_pipe_sending_too_much_is_closed(logs: LogCapture) -> None:
@@ -66,7 +135,7 @@ def test_a_pending_pipe_sending_too_much_is_closed(logs: LogCapture) -> None:
     assert logs.matching(f"sent {MAX_EARLY_BYTES + 1} bytes before its pipe set was complete")
     # It leaves the set at once: a TCP transport reports an abort only in a
     # later reactor turn, and a set completed meanwhile must not include it.
-    assert rp.factory.pending.pipes == []
+    assert rp.factory.pending == []
     assert rp.reactor.getDelayedCalls() == []
     session = rp.up()
     assert p0 not in session.pipes.pipes
@@ -95,7 +164,7 @@ def test_a_pending_pipe_that_closes_leaves_the_set() -> None:
     p0, _ = rp.add_pipe()
     p1, _ = rp.add_pipe()
     p0.connectionLost(Failure(ConnectionDone()))
-    assert rp.factory.pending.pipes == [p1]
+    assert rp.factory.pending == [p1]
     p2, _ = rp.add_pipe()
     assert rp.mux.session is None
     p3, _ = rp.add_pipe()
@@ -110,10 +179,10 @@ def test_an_incomplete_set_is_closed_after_30_seconds(logs: LogCapture) -> None:
     p1, t1 = rp.add_pipe()
     rp.reactor.advance(PENDING_TIMEOUT - 20 - 0.001)
     assert not t0.disconnected and not t1.disconnected
-    assert rp.factory.pending.pipes == [p0, p1]
+    assert rp.factory.pending == [p0, p1]
     rp.reactor.advance(0.001)
     assert t0.disconnected and t1.disconnected  # aborted
-    assert rp.factory.pending.pipes == []
+    assert rp.factory.pending == []
     assert logs.matching("pipe set incomplete after 30 s (2 of 3)")
     # The closed pipes report their loss; nothing breaks, and a new set forms.
     p0.connectionLost(Failure(ConnectionAborted()))

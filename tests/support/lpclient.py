@@ -199,9 +199,11 @@ class LPClient:
         max_payload: int = wire.DEFAULT_PAYLOAD,
         max_rx_payload: int = wire.DEFAULT_PAYLOAD,
         rcvbuf: int | None = None,
+        source: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
+        self.source = source  # the local address its pipes come from (another LP host)
         self.port = port
         self.npipes = pipes
         self.max_payload = max_payload
@@ -225,7 +227,8 @@ class LPClient:
     async def connect_pipe(self) -> LPPipe:
         """Connect one more pipe (a test may send on the first ones before
         the set is complete)."""
-        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=5)
+        bind = (self.source, 0) if self.source is not None else None
+        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=5, bindAddress=bind)
         pipe = LPPipe(self, len(self.pipes), self.rcvbuf)
         self.pipes.append(pipe)
         try:

@@ -63,8 +63,8 @@ class PipeTransport(StringTransport):
     """A pipe's transport: counts ``writeSequence`` calls and decodes what
     the RP wrote."""
 
-    def __init__(self, port: int) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "10.9.0.1", port))
+    def __init__(self, port: int, host: str = "10.9.0.1") -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", host, port))
         self.write_sequences = 0
         self.decoder = wire.Decoder()
         self._seen = 0
@@ -123,17 +123,18 @@ class RP:
 
     # -- pipes -------------------------------------------------------------
 
-    def add_pipe(self) -> tuple[PipeProtocol, PipeTransport]:
+    def add_pipe(self, host: str = "10.9.0.1") -> tuple[PipeProtocol, PipeTransport]:
+        """A pipe from ``host`` (another address: another LP)."""
         self._port += 1
-        transport = PipeTransport(self._port)
+        transport = PipeTransport(self._port, host)
         proto = self.factory.buildProtocol(transport.getPeer())
         assert isinstance(proto, PipeProtocol)
         proto.makeConnection(transport)
         return proto, transport
 
-    def up(self) -> Session:
-        """Connect a complete set of pipes; returns the new session."""
-        self.pipes = [self.add_pipe() for _ in range(self.n)]
+    def up(self, host: str = "10.9.0.1") -> Session:
+        """Connect a complete set of pipes from ``host``; returns the new session."""
+        self.pipes = [self.add_pipe(host) for _ in range(self.n)]
         return self.session
 
     @property

@@ -37,9 +37,12 @@ from tm3.mux.flow import WriteGate, abort_transport, register_producer
 # (and so the "blocked" verdict) is never more than one batch late.
 FLUSH_THRESHOLD = 64 * 1024
 # A pending pipe may receive bytes before the set is complete (a fast LP);
-# they are kept for the session, up to this much, then the pipe is dropped.
-MAX_EARLY_BYTES = 4 * 1024 * 1024
-PENDING_TIMEOUT = 30.0
+# they are kept for the session. Past EARLY_READ_LIMIT the pipe is not read
+# until the set is complete (the kernel holds the rest, and a TCP transport
+# brings at most one more read of 64 KiB); a transport that delivers past
+# MAX_EARLY_BYTES all the same is closed.
+EARLY_READ_LIMIT = 64 * 1024
+MAX_EARLY_BYTES = 256 * 1024
 # While the pipes are not read (upload ceilings), the reactor cannot see an
 # EOF or a reset on them; ask the kernel this often instead.
 PAUSED_CHECK_INTERVAL = 1.0
@@ -60,6 +63,7 @@ class PipeProtocol(Protocol):
 
     def __init__(self, group: PipeGathering | None = None) -> None:
         self.group = group  # collecting this pipe, until a session owns it
+        self.peer_host = ""
         self.owner: PipeOwner | None = None
         self.name = "pipe"
         self.decoder = Decoder()
@@ -69,6 +73,7 @@ class PipeProtocol(Protocol):
         self.outbox_bytes = 0
         self.early: list[bytes] = []
         self.early_bytes = 0
+        self.early_paused = False
         self.connected_ = False
 
     # -- Twisted callbacks -------------------------------------------------
@@ -78,6 +83,7 @@ class PipeProtocol(Protocol):
         transport = self.transport
         assert transport is not None
         peer = transport.getPeer()
+        self.peer_host = str(getattr(peer, "host", ""))
         self.name = f"pipe {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         if ITCPTransport.providedBy(transport):
             # Nagle would add up to 40 ms to every small exchange (Twisted #12311).
@@ -105,6 +111,9 @@ class PipeProtocol(Protocol):
             # take this pipe.
             self._leave_group(Failure(ConnectionAborted()))
             self.abort()
+        elif self.early_bytes >= EARLY_READ_LIMIT and not self.early_paused:
+            self.early_paused = True
+            self.pause_reading()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False
@@ -126,6 +135,11 @@ class PipeProtocol(Protocol):
         """Hand the pipe to a session, replaying bytes that came early."""
         self.group = None
         self.owner = owner
+        if self.early_paused:
+            # Before the replay: resuming delivers nothing at once, and the
+            # session may pause the pipe itself while it replays.
+            self.early_paused = False
+            self.resume_reading()
         early, self.early, self.early_bytes = self.early, [], 0
         for chunk in early:
             if self.owner is not owner:

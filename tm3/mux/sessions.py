@@ -1,9 +1,11 @@
-"""The current session of a proxy, for both roles.
+"""The sessions of a proxy, for both roles.
 
-A complete pipe set starts a session; a newer complete set replaces the one
-that is up (docs/protocol.md, "Pipes and sessions": an LP that restarted may
-come back before the RP notices the old pipes are dead). The owner is told
-when a session comes up and when it ends.
+A complete pipe set starts a session under a key: the source address of its
+pipes on the RP (one LP per address; LPs at other addresses have sessions of
+their own, side by side), one key on the LP. A newer complete set replaces
+the session with the same key only (docs/protocol.md, "Pipes and sessions":
+an LP that restarted may come back before the RP notices the old pipes are
+dead). The owner is told when a session comes up and when it ends.
 """
 
 from __future__ import annotations
@@ -30,34 +32,56 @@ class Sessions:
         self.settings = settings
         self.role = role
         self.stats = Stats()
-        self.current: Session | None = None
+        self.by_key: dict[str, Session] = {}
+        self._starting = False
         self.on_up = on_up
         self.on_down = on_down
         self._count = 0
 
-    def start(self, pipes: Sequence[PipeProtocol]) -> Session:
-        """A session over ``pipes``, replacing the current one."""
-        if self.current is not None:
-            self.current.end("replaced by a newer complete pipe set")
+    @property
+    def current(self) -> Session | None:
+        """The newest session (the LP's only one)."""
+        return next(reversed(self.by_key.values()), None)
+
+    def start(self, pipes: Sequence[PipeProtocol], key: str = "") -> Session:
+        """A session over ``pipes``, replacing the one with the same key."""
+        old = self.by_key.get(key)
+        if old is not None:
+            old.end("replaced by a newer complete pipe set" + (f" from {key}" if key else ""))
         self._count += 1
-        # Bytes that came before the set was complete are replayed as the
-        # session starts, and a protocol error among them ends it at once:
-        # it is then reported down without having been up.
-        session = Session(
-            pipes, self.reactor, self.settings, self.stats, self.role, on_end=self._ended, name=f"session {self._count}"
-        )
+        self._starting = True
+        try:
+            session = Session(
+                pipes,
+                self.reactor,
+                self.settings,
+                self.stats,
+                self.role,
+                on_end=self._ended,
+                name=f"session {self._count}",
+            )
+        finally:
+            self._starting = False
         if not session.ended:
-            self.current = session
+            self.by_key[key] = session
             if self.on_up is not None:
                 self.on_up(session)
         return session
 
     def _ended(self, session: Session, why: str) -> None:
-        if self.current is session or self.current is None:
-            self.current = None
-            if self.on_down is not None:
-                self.on_down(session, why)
+        for key, live in self.by_key.items():
+            if live is session:
+                del self.by_key[key]
+                break
+        else:
+            if not self._starting:
+                return
+            # Bytes that came before the set was complete are replayed as the
+            # session starts, and a protocol error among them ends it at once:
+            # it is reported down without having been up.
+        if self.on_down is not None:
+            self.on_down(session, why)
 
     def end(self, why: str) -> None:
-        if self.current is not None:
-            self.current.end(why)
+        for session in list(self.by_key.values()):
+            session.end(why)

@@ -26,7 +26,7 @@ from tm3.options import (
     settings_from,
 )
 from tm3.reactor import IProxyReactor, default_reactor
-from tm3.rp.service import Multiplexer, PipeFactory, is_local_address
+from tm3.rp.service import DEFAULT_MAX_PENDING, Multiplexer, PipeFactory, is_local_address
 
 ENVIRONMENT = {
     "TM3_PIPES": "pipes",
@@ -38,6 +38,8 @@ ENVIRONMENT = {
     "TM3_STALL_TIMEOUT": "stall-timeout",
     "TM3_REORDER_WINDOW": "reorder-window",
     "TM3_TOTAL_REORDER_WINDOW": "total-reorder-window",
+    "TM3_MAX_PENDING_PIPES": "max-pending-pipes",
+    "TM3_ALLOW_FROM": "allow-from",  # networks separated by spaces
     "TM3_ALLOW_TO": "allow-to",  # rules separated by spaces; the allow rules come first
     "TM3_DENY_TO": "deny-to",
 }
@@ -54,12 +56,27 @@ class Options(usage.Options):
         ["pipes", "n", None, "Pipes in a session: the RP waits for exactly this many from the LP (required, 1..1024)."],
         ["listen", "l", "tcp:6000", "Where to accept pipes: a Twisted server endpoint string "
          "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path)."],
+        ["max-pending-pipes", None, None, "Pipes that may wait for their sets to complete, from all addresses "
+         f"together (--pipes..65536; default {DEFAULT_MAX_PENDING}, or --pipes if larger); more are closed at accept."],
         *TUNING_PARAMETERS,
     ]  # fmt: skip
 
     def __init__(self) -> None:
         super().__init__()
         self["destination-rules"] = []
+        self["allow-from"] = []
+
+    def opt_allow_from(self, spec: str) -> None:
+        """CIDR: accept pipes only from these networks (repeatable); others are
+        closed at accept and logged. Default: from anywhere."""
+        for text in spec.split():
+            try:
+                rule = parse_rule(text, allow=True)
+            except BadRule as e:
+                raise usage.UsageError(f"--allow-from: {e}") from None
+            if rule.ports:
+                raise usage.UsageError(f"--allow-from: {text!r} takes no ports, only CIDR")
+            self["allow-from"].append(rule.network)
 
     def opt_allow_to(self, spec: str) -> None:
         """CIDR[:PORTS]: let the LP reach these destinations (repeatable; rules
@@ -85,6 +102,10 @@ class Options(usage.Options):
         if self["pipes"] is None:
             raise usage.UsageError("--pipes is required: the number of pipes the LP opens (1..1024)")
         self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
+        if self["max-pending-pipes"] is None:
+            self["max-pending-pipes"] = max(DEFAULT_MAX_PENDING, self["pipes"])
+        else:
+            self["max-pending-pipes"] = parse_int("max-pending-pipes", self["max-pending-pipes"], self["pipes"], 65536)
         parse_tuning(self)
         check_server_endpoint("listen", self["listen"])
 
@@ -101,7 +122,13 @@ class RemoteProxyService(MultiService):
         self.destinations = DestinationPolicy(config["destination-rules"], is_own_address=is_local_address)
         self.multiplexer = Multiplexer(reactor, config.settings(), self.destinations)
         self.multiplexer.setServiceParent(self)
-        self.pipe_factory = PipeFactory(config["pipes"], reactor, self.multiplexer.start_session)
+        self.pipe_factory = PipeFactory(
+            config["pipes"],
+            reactor,
+            self.multiplexer.start_session,
+            allow_from=config["allow-from"],
+            max_pending=config["max-pending-pipes"],
+        )
         endpoint = endpoints.serverFromString(reactor, config["listen"])
         self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
         self.listener.setServiceParent(self)
