@@ -23,9 +23,11 @@ from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Message, Syn, encode_data, encode_syn
 from tm3.lp.clients import RESET_FLUSH_LIMIT, RESET_FLUSH_POLL
 from tm3.lp.socks import reply
+from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
 
 KiB = 1024
 MiB = 1024 * 1024
+Q = 4096 + QUEUE_CHUNK_OVERHEAD  # what a queued 4 KiB chunk is charged
 HOST, PORT = TARGET
 GREETING = b"\x05\x01\x00"
 
@@ -595,7 +597,7 @@ def test_every_pipe_blocked_pauses_the_clients_that_send_until_one_resumes() -> 
 
 
 def test_a_client_that_does_not_read_stops_every_pipe_past_its_ceiling(logs: LogCapture) -> None:
-    lp = LP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=1 * MiB)
+    lp = LP(n=2, conn_queue_limit=16 * Q, total_queue_limit=1 * MiB)
     session = lp.up()
     _, transport = lp.accept()
     _, other = lp.accept()
@@ -603,7 +605,7 @@ def test_a_client_that_does_not_read_stops_every_pipe_past_its_ceiling(logs: Log
     chunks = [bytes([i]) * 4096 for i in range(1, 18)]
     for seq, chunk in enumerate(chunks[:16]):
         lp.send(Data(0, seq, chunk), pipe=seq % 2)
-    assert session.inbound.queued_total == 64 * KiB  # at the ceiling, not past it
+    assert session.inbound.queued_total == 16 * Q  # at the ceiling, not past it
     assert transport.value() == b""
     lp.send(Data(1, 0, b"others still flow"))
     assert other.value() == b"others still flow"
@@ -611,15 +613,15 @@ def test_a_client_that_does_not_read_stops_every_pipe_past_its_ceiling(logs: Log
     lp.send(Data(0, 16, chunks[16]), pipe=0)
     assert pipe_states(lp) == ["paused", "paused"]
     assert lp.stats.upload_pauses == 1
-    assert logs.matching("socket queues full (conn 0 has 69632 B queued")
+    assert logs.matching(f"socket queues full (conn 0 has {17 * Q} B queued")
     # The client takes 8 chunks: 9 are left, more than half the ceiling.
     transport.pause_after = 8 * 4096
     transport.producer.resumeProducing()
-    assert session.inbound.queued_total == 9 * 4096
+    assert session.inbound.queued_total == 9 * Q
     assert pipe_states(lp) == ["paused", "paused"]
     transport.pause_after = 4096
     transport.producer.resumeProducing()
-    assert session.inbound.queued_total == 32 * KiB
+    assert session.inbound.queued_total == 8 * Q
     assert pipe_states(lp) == ["producing", "producing"]
     transport.producer.resumeProducing()
     assert transport.value() == b"".join(chunks)

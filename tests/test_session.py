@@ -17,11 +17,16 @@ from tests.support.logs import LogCapture
 from tests.support.rp_harness import RP
 from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
+from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
 from tm3.mux.pipes import EARLY_READ_LIMIT, FLUSH_THRESHOLD, MAX_EARLY_BYTES
+from tm3.rp.role import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
 from tm3.rp.service import PENDING_TIMEOUT
 
 KiB = 1024
 MiB = 1024 * 1024
+Q = 4096 + QUEUE_CHUNK_OVERHEAD  # what a queued 4 KiB chunk is charged
+BIG = 65318  # payload of which 16 orphans fit in 1 MiB with room for a FIN
+BIG_COST = 8 + BIG + ORPHAN_OVERHEAD
 HOST, PORT = "93.184.216.34", 443
 
 
@@ -262,7 +267,7 @@ def test_data_before_connect_is_queued_and_written_in_order() -> None:
     rp.send(Data(3, 2, b"cd"), pipe=0)
     rp.send(Data(3, 1, b"ab"), pipe=1)
     rp.send(Data(3, 3, b"ef"), pipe=0)
-    assert rp.session.inbound.queued_total == 6
+    assert rp.session.inbound.queued_total == 6 + 3 * QUEUE_CHUNK_OVERHEAD
     _, server = rp.accept()
     assert server.value() == b"abcdef"
     assert rp.session.inbound.queued_total == 0
@@ -648,7 +653,7 @@ def pipe_states(rp: RP) -> list[str]:
 def test_a_server_that_takes_nothing_while_the_pipes_are_paused_is_reset_after_the_stall_timeout(
     logs: LogCapture,
 ) -> None:
-    rp = RP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=1 * MiB, stall_timeout=5.0)
+    rp = RP(n=2, conn_queue_limit=16 * Q, total_queue_limit=1 * MiB, stall_timeout=5.0)
     session = rp.up()
     _, slow = open_conn(rp, cid=3)
     _, fine = open_conn(rp, cid=4)
@@ -673,7 +678,7 @@ def test_a_server_that_takes_nothing_while_the_pipes_are_paused_is_reset_after_t
     assert pipe_states(rp) == ["producing", "producing"]
     assert session.inbound.queued_total == 0
     assert rp.mux.stats.stalled_resets == 1 and rp.mux.stats.ended_by == {"stalled": 1}
-    assert logs.matching("conn 3 to 93.184.216.34:443: its socket took none of its 69632 queued bytes in 5 s")
+    assert logs.matching(f"conn 3 to 93.184.216.34:443: its socket took none of its {17 * Q} queued bytes in 5 s")
     assert not fine.disconnected and 4 in session.conns
     # The LP's tail for conn 3 is dropped; the session carries on.
     rp.send(Data(3, 18, b"late"), Fin(3, 19, 0x99))
@@ -683,7 +688,7 @@ def test_a_server_that_takes_nothing_while_the_pipes_are_paused_is_reset_after_t
 
 
 def test_the_stall_check_stops_when_the_pipes_resume() -> None:
-    rp = RP(n=1, conn_queue_limit=64 * KiB, stall_timeout=5.0)
+    rp = RP(n=1, conn_queue_limit=16 * Q, stall_timeout=5.0)
     rp.up()
     _, server = open_conn(rp)
     server.producer.pauseProducing()
@@ -698,14 +703,14 @@ def test_the_stall_check_stops_when_the_pipes_resume() -> None:
 
 
 def test_past_the_conn_queue_all_pipes_pause_until_half_drained(logs: LogCapture) -> None:
-    rp = RP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=1 * MiB)
+    rp = RP(n=2, conn_queue_limit=16 * Q, total_queue_limit=1 * MiB)
     session = rp.up()
     _, server = open_conn(rp)
     server.producer.pauseProducing()
     chunks = [bytes([i]) * 4096 for i in range(1, 18)]
     for seq, chunk in enumerate(chunks[:16], start=1):
         rp.send(Data(3, seq, chunk), pipe=seq % 2)
-    assert session.inbound.queued_total == 64 * KiB  # at the ceiling, not past it
+    assert session.inbound.queued_total == 16 * Q  # at the ceiling, not past it
     assert pipe_states(rp) == ["producing", "producing"]
     rp.send(Data(3, 17, chunks[16]), pipe=1)
     assert pipe_states(rp) == ["paused", "paused"]
@@ -714,12 +719,12 @@ def test_past_the_conn_queue_all_pipes_pause_until_half_drained(logs: LogCapture
     # The server takes 8 chunks: 9 are left, more than half the ceiling.
     server.pause_after = 8 * 4096
     server.producer.resumeProducing()
-    assert session.inbound.queued_total == 9 * 4096
+    assert session.inbound.queued_total == 9 * Q
     assert pipe_states(rp) == ["paused", "paused"]
     # One more: exactly half is left, and the pipes resume.
     server.pause_after = 4096
     server.producer.resumeProducing()
-    assert session.inbound.queued_total == 32 * KiB
+    assert session.inbound.queued_total == 8 * Q
     assert pipe_states(rp) == ["producing", "producing"]
     server.producer.resumeProducing()
     assert server.value() == b"".join(chunks)
@@ -728,7 +733,7 @@ def test_past_the_conn_queue_all_pipes_pause_until_half_drained(logs: LogCapture
 
 
 def test_past_the_total_queue_all_pipes_pause() -> None:
-    rp = RP(n=1, conn_queue_limit=1 * MiB, total_queue_limit=64 * KiB)
+    rp = RP(n=1, conn_queue_limit=1 * MiB, total_queue_limit=16 * Q)
     session = rp.up()
     _, s1 = open_conn(rp, cid=1)
     _, s2 = open_conn(rp, cid=2)
@@ -736,17 +741,17 @@ def test_past_the_total_queue_all_pipes_pause() -> None:
     s2.producer.pauseProducing()
     for seq in range(1, 9):
         rp.send(Data(1, seq, b"a" * 4096), Data(2, seq, b"b" * 4096))
-    assert session.inbound.queued_total == 64 * KiB
+    assert session.inbound.queued_total == 16 * Q
     assert pipe_states(rp) == ["producing"]
     rp.send(Data(1, 9, b"a" * 4096))
     assert pipe_states(rp) == ["paused"]
-    s1.producer.resumeProducing()  # 36 KiB left, over half of 64 KiB
-    assert session.inbound.queued_total == 32 * KiB
+    s1.producer.resumeProducing()  # conn 2's 8 chunks are left: half the ceiling
+    assert session.inbound.queued_total == 8 * Q
     assert pipe_states(rp) == ["producing"]
 
 
 def test_total_queue_resume_needs_half() -> None:
-    rp = RP(n=1, conn_queue_limit=1 * MiB, total_queue_limit=64 * KiB)
+    rp = RP(n=1, conn_queue_limit=1 * MiB, total_queue_limit=16 * Q)
     session = rp.up()
     _, s1 = open_conn(rp, cid=1)
     _, s2 = open_conn(rp, cid=2)
@@ -754,20 +759,20 @@ def test_total_queue_resume_needs_half() -> None:
     s2.producer.pauseProducing()
     for seq in range(1, 10):
         rp.send(Data(1, seq, b"a" * 4096), Data(2, seq, b"b" * 4096))
-    assert session.inbound.queued_total == 72 * KiB
+    assert session.inbound.queued_total == 18 * Q
     assert pipe_states(rp) == ["paused"]
     s1.pause_after = 4 * 4096
     s1.producer.resumeProducing()
-    assert session.inbound.queued_total == 56 * KiB
+    assert session.inbound.queued_total == 14 * Q
     assert pipe_states(rp) == ["paused"]
     s2.pause_after = 6 * 4096
     s2.producer.resumeProducing()
-    assert session.inbound.queued_total == 32 * KiB
+    assert session.inbound.queued_total == 8 * Q
     assert pipe_states(rp) == ["producing"]
 
 
 def test_closing_a_connection_with_a_full_queue_resumes_the_pipes() -> None:
-    rp = RP(n=1, conn_queue_limit=64 * KiB)
+    rp = RP(n=1, conn_queue_limit=16 * Q)
     session = rp.up()
     proto, server = open_conn(rp)
     server.producer.pauseProducing()
@@ -886,7 +891,7 @@ def test_rule8_two_seconds_without_the_old_fin_resets_the_old_server(logs: LogCa
     assert len(rp.reactor.tcpClients) == 1
     rp.reactor.advance(0.001)
     assert a.disconnected  # RST to the old server
-    assert session.inbound.queued_total == 4  # "stuck" dropped; "new1" waits for the new connect
+    assert session.inbound.queued_total == 4 + QUEUE_CHUNK_OVERHEAD  # "stuck" dropped; "new1" waits
     assert rp.mux.stats.live_id_reuses == 1
     assert logs.matching("id 7 was reused while its connection")
     assert len(rp.reactor.tcpClients) == 2
@@ -936,7 +941,7 @@ def test_rule9_orphans_are_dropped_after_10_seconds_and_counted() -> None:
     session = rp.up()
     rp.send(Data(9, 1, b"abc"), Data(9, 2, b"de"), Fin(9, 3, 0x88))
     rp.reactor.advance(9.999)
-    assert session.role.orphans[9].size == 11 + 10 + 9
+    assert session.role.orphans[9].size == ORPHAN_ID_OVERHEAD + 11 + 10 + 9 + 3 * ORPHAN_OVERHEAD
     assert rp.mux.stats.tails_dropped == 0
     rp.reactor.advance(0.001)
     assert session.role.orphans == {} and session.role.orphan_total == 0
@@ -952,11 +957,11 @@ def test_rule9_orphans_are_dropped_after_10_seconds_and_counted() -> None:
 def test_rule9_per_id_limit_1_mib() -> None:
     rp = RP(n=1)
     session = rp.up()
-    payload = b"p" * 65525  # 65533 bytes on the wire: 16 fit in 1 MiB
+    payload = b"p" * BIG  # 16 fit in 1 MiB, with what each costs besides its bytes
     for seq in range(1, 18):
         rp.send(Data(9, seq, payload))
     assert len(session.role.orphans[9].messages) == 16
-    assert session.role.orphans[9].size == 16 * 65533 <= MiB
+    assert session.role.orphans[9].size == ORPHAN_ID_OVERHEAD + 16 * BIG_COST <= MiB
     assert rp.mux.stats.tails_dropped == 1
     # A small one still fits.
     rp.send(Fin(9, 18, 0x88))
@@ -969,20 +974,22 @@ def test_rule9_per_id_limit_1_mib() -> None:
 def test_rule9_total_limit_16_mib() -> None:
     rp = RP(n=1)
     session = rp.up()
-    payload = b"t" * 65525
+    payload = b"t" * BIG
+    per_id = ORPHAN_ID_OVERHEAD + 16 * BIG_COST
     for cid in range(16):
         for seq in range(1, 17):
             rp.send(Data(cid, seq, payload))
-    assert session.role.orphan_total == 16 * 16 * 65533 <= 16 * MiB
+    assert session.role.orphan_total == 16 * per_id <= 16 * MiB
     assert rp.mux.stats.tails_dropped == 0
     rp.send(Data(16, 1, payload))
     assert rp.mux.stats.tails_dropped == 1
-    assert session.role.orphan_total == 16 * 16 * 65533
-    rp.send(Fin(16, 2, 0x88))  # 9 bytes still fit
-    assert session.role.orphan_total == 16 * 16 * 65533 + 9
+    assert session.role.orphan_total == 16 * per_id
+    rp.send(Fin(16, 2, 0x88))  # a FIN and its id's record still fit
+    small = ORPHAN_ID_OVERHEAD + 9 + ORPHAN_OVERHEAD
+    assert session.role.orphan_total == 16 * per_id + small
     # Taking some over frees room.
     rp.send(Syn(0, 0, HOST, PORT))
-    assert session.role.orphan_total == 15 * 16 * 65533 + 9
+    assert session.role.orphan_total == 15 * per_id + small
     rp.send(Data(16, 3, payload))
     assert rp.mux.stats.tails_dropped == 1
 

@@ -48,7 +48,7 @@ class Connection:
         # Inbound: messages from the pipes, and bytes the socket has not taken.
         self.rx: ReorderBuffer[Message] = ReorderBuffer(0, window_bytes, budget)
         self.queue: deque[bytes] = deque()
-        self.queued = 0
+        self.queued = 0  # what the queue costs: payload plus QUEUE_CHUNK_OVERHEAD a chunk
         self.shut_pending = False  # half-close the socket once the queue is written
         self.bytes_in = 0  # payload from the pipes, written to the socket
         # Outbound: bytes from the socket, framed onto the pipes.

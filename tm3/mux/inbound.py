@@ -45,6 +45,11 @@ if TYPE_CHECKING:
     from tm3.mux.session import Session
 
 
+# What a queued chunk costs besides its payload, charged against the queue
+# ceilings: measured 41 bytes (the bytes object's header and its deque slot).
+QUEUE_CHUNK_OVERHEAD = 48
+
+
 class Inbound:
     log = Logger()
 
@@ -133,8 +138,9 @@ class Inbound:
             self.stats.tail_bytes_dropped += n
             return
         conn.queue.append(payload)
-        conn.queued += n
-        self.queued_total += n
+        cost = n + QUEUE_CHUNK_OVERHEAD
+        conn.queued += cost
+        self.queued_total += cost
         self._check_ceiling(conn)
 
     def drain(self, conn: Connection) -> None:
@@ -145,15 +151,16 @@ class Inbound:
             return
         queue = conn.queue
         gate = stream.gate
-        freed = 0
+        freed = chunks = 0
         while queue and not gate.is_blocked:
             chunk = queue.popleft()
             freed += len(chunk)
+            chunks += 1
             stream.write(chunk)
-        if freed:
+        if chunks:
             conn.bytes_in += freed
             self.stats.bytes_from_pipes += freed
-            self._dequeued(conn, freed)
+            self._dequeued(conn, freed + chunks * QUEUE_CHUNK_OVERHEAD)
         if not queue and conn.shut_pending:
             conn.shut_pending = False
             stream.shutdown_write()
@@ -166,22 +173,21 @@ class Inbound:
         """Hand over what the socket has not taken (to be written at once by
         the caller: the LP's flush-then-reset)."""
         chunks = list(conn.queue)
-        n = conn.queued
         conn.queue.clear()
         conn.shut_pending = False
-        if n:
+        if chunks:
+            n = sum(map(len, chunks))
             conn.bytes_in += n
             self.stats.bytes_from_pipes += n
-            self._dequeued(conn, n)
+            self._dequeued(conn, conn.queued)
         return chunks
 
     def drop_queue(self, conn: Connection) -> None:
-        n = conn.queued
-        conn.queue.clear()
         conn.shut_pending = False
-        if n:
-            self.stats.tail_bytes_dropped += n
-            self._dequeued(conn, n)
+        if conn.queue:
+            self.stats.tail_bytes_dropped += sum(map(len, conn.queue))
+            conn.queue.clear()
+            self._dequeued(conn, conn.queued)
 
     # -- ceilings --------------------------------------------------------------
 
