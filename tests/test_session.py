@@ -785,6 +785,21 @@ def test_closing_a_connection_with_a_full_queue_resumes_the_pipes() -> None:
     assert rp.sent() == [Fin(3, 0, 0x99)]
 
 
+def test_a_session_that_ends_releases_what_it_held_at_once() -> None:
+    rp = RP(n=2)
+    session = rp.up()
+    open_conn(rp)
+    for seq in range(2, 40):
+        rp.send(Data(3, seq, bytes(4096)), pipe=1)  # seq 1 never comes
+    rp.send(Data(9, 1, b"orphan"))
+    held = session.inbound.held_budget
+    assert held.held > 38 * 4096 and session.role.orphan_total > 0  # type: ignore[attr-defined]
+    rp.pipes[0][0].connectionLost(Failure(ConnectionLost()))
+    assert session.ended
+    assert held.held == 0 and session.role.orphan_total == 0  # type: ignore[attr-defined]
+    assert all(len(conn.rx) == 0 for conn in session.live) and not session.conns
+
+
 def test_bytes_held_for_a_gap_never_pause_the_pipes() -> None:
     rp = RP(n=2, conn_queue_limit=64 * KiB, total_queue_limit=64 * KiB)
     session = rp.up()

@@ -205,6 +205,7 @@ class Session:
         self.stats.sessions_ended += 1
         for conn in list(self.live):
             self.event(conn, Event.ABORT, "session-lost")
+            conn.rx.clear()  # what it held for a gap goes now, not when the cycles are collected
         for conn in list(self.sockets):  # over, but still writing their last bytes
             self.reset_socket(conn)
             self.inbound.drop_queue(conn)
