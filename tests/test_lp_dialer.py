@@ -1,4 +1,4 @@
-"""LP pieces that need no sockets: the redial policy."""
+"""The LP's redial policy (tm3/lp/dialer.py), without sockets."""
 
 from __future__ import annotations
 
