@@ -53,7 +53,7 @@ def test_orphans_are_charged_what_they_cost(payload: int) -> None:
     ids = 50
     stream = b"".join(encode_data(cid, seq, b"x" * payload) for seq in range(1, N // ids + 1) for cid in range(ids))
     cost, _ = allocated(lambda: rp.send_raw(stream))
-    total = session.role.orphan_total  # type: ignore[attr-defined]
+    total = session.role.orphans.total  # type: ignore[attr-defined]
     assert total >= cost, f"charged {total}, it costs {cost}"
 
 

@@ -19,7 +19,7 @@ from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
 from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
 from tm3.mux.pipes import EARLY_READ_LIMIT, FLUSH_THRESHOLD, MAX_EARLY_BYTES
-from tm3.rp.role import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
+from tm3.rp.orphans import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
 from tm3.rp.service import PENDING_TIMEOUT
 
 KiB = 1024
@@ -280,9 +280,9 @@ def test_data_overtaking_its_syn_is_held_and_taken_over() -> None:
     session = rp.up()
     rp.send(Data(3, 2, b"cd"), Data(3, 1, b"ab"), pipe=0)
     assert rp.reactor.tcpClients == []
-    assert 3 in session.role.orphans
+    assert 3 in session.role.orphans.held
     rp.send(Syn(3, 0, HOST, PORT), pipe=1)
-    assert session.role.orphans == {} and session.role.orphan_total == 0
+    assert session.role.orphans.held == {} and session.role.orphans.total == 0
     _, server = rp.accept()
     assert server.value() == b"abcd"
     rp.reactor.advance(60)  # the orphan timer was cancelled
@@ -793,10 +793,10 @@ def test_a_session_that_ends_releases_what_it_held_at_once() -> None:
         rp.send(Data(3, seq, bytes(4096)), pipe=1)  # seq 1 never comes
     rp.send(Data(9, 1, b"orphan"))
     held = session.inbound.held_budget
-    assert held.held > 38 * 4096 and session.role.orphan_total > 0  # type: ignore[attr-defined]
+    assert held.held > 38 * 4096 and session.role.orphans.total > 0  # type: ignore[attr-defined]
     rp.pipes[0][0].connectionLost(Failure(ConnectionLost()))
     assert session.ended
-    assert held.held == 0 and session.role.orphan_total == 0  # type: ignore[attr-defined]
+    assert held.held == 0 and session.role.orphans.total == 0  # type: ignore[attr-defined]
     assert all(len(conn.rx) == 0 for conn in session.live) and not session.conns
 
 
@@ -956,10 +956,10 @@ def test_rule9_orphans_are_dropped_after_10_seconds_and_counted() -> None:
     session = rp.up()
     rp.send(Data(9, 1, b"abc"), Data(9, 2, b"de"), Fin(9, 3, 0x88))
     rp.reactor.advance(9.999)
-    assert session.role.orphans[9].size == ORPHAN_ID_OVERHEAD + 11 + 10 + 9 + 3 * ORPHAN_OVERHEAD
+    assert session.role.orphans.held[9].size == ORPHAN_ID_OVERHEAD + 11 + 10 + 9 + 3 * ORPHAN_OVERHEAD
     assert rp.mux.stats.tails_dropped == 0
     rp.reactor.advance(0.001)
-    assert session.role.orphans == {} and session.role.orphan_total == 0
+    assert session.role.orphans.held == {} and session.role.orphans.total == 0
     assert rp.mux.stats.tails_dropped == 3
     assert rp.mux.stats.tail_bytes_dropped == 5
     assert not session.ended
@@ -975,12 +975,12 @@ def test_rule9_per_id_limit_1_mib() -> None:
     payload = b"p" * BIG  # 16 fit in 1 MiB, with what each costs besides its bytes
     for seq in range(1, 18):
         rp.send(Data(9, seq, payload))
-    assert len(session.role.orphans[9].messages) == 16
-    assert session.role.orphans[9].size == ORPHAN_ID_OVERHEAD + 16 * BIG_COST <= MiB
+    assert len(session.role.orphans.held[9].messages) == 16
+    assert session.role.orphans.held[9].size == ORPHAN_ID_OVERHEAD + 16 * BIG_COST <= MiB
     assert rp.mux.stats.tails_dropped == 1
     # A small one still fits.
     rp.send(Fin(9, 18, 0x88))
-    assert len(session.role.orphans[9].messages) == 17
+    assert len(session.role.orphans.held[9].messages) == 17
     rp.send(Syn(9, 0, HOST, PORT))
     _, server = rp.accept()
     assert server.value() == payload * 16
@@ -994,17 +994,17 @@ def test_rule9_total_limit_16_mib() -> None:
     for cid in range(16):
         for seq in range(1, 17):
             rp.send(Data(cid, seq, payload))
-    assert session.role.orphan_total == 16 * per_id <= 16 * MiB
+    assert session.role.orphans.total == 16 * per_id <= 16 * MiB
     assert rp.mux.stats.tails_dropped == 0
     rp.send(Data(16, 1, payload))
     assert rp.mux.stats.tails_dropped == 1
-    assert session.role.orphan_total == 16 * per_id
+    assert session.role.orphans.total == 16 * per_id
     rp.send(Fin(16, 2, 0x88))  # a FIN and its id's record still fit
     small = ORPHAN_ID_OVERHEAD + 9 + ORPHAN_OVERHEAD
-    assert session.role.orphan_total == 16 * per_id + small
+    assert session.role.orphans.total == 16 * per_id + small
     # Taking some over frees room.
     rp.send(Syn(0, 0, HOST, PORT))
-    assert session.role.orphan_total == 15 * per_id + small
+    assert session.role.orphans.total == 15 * per_id + small
     rp.send(Data(16, 3, payload))
     assert rp.mux.stats.tails_dropped == 1
 
@@ -1151,7 +1151,9 @@ def test_session_loss_logs_every_connection_and_forgets_everything(logs: LogCapt
     assert sorted((e["conn_id"], e["how"]) for e in logs.ends()) == [(1, "session-lost"), (2, "session-lost")]
     assert s1.disconnected
     assert rp.reactor.connectors[1].stopped
-    assert session.conns == {} and session.live == set() and session.sockets == set() and session.role.orphans == {}
+    assert (
+        session.conns == {} and session.live == set() and session.sockets == set() and session.role.orphans.held == {}
+    )
     assert rp.mux.stats.connect_failures == 0
     rp.reactor.advance(60)
     assert rp.mux.stats.tails_dropped == 0  # the orphan timer went with the session
@@ -1254,7 +1256,7 @@ def test_protocol_error_in_held_messages_leaves_no_timers(logs: LogCapture) -> N
     assert rp.mux.stats.protocol_errors == 1
     assert len(logs.matching("; ending the session")) == 1
     assert rp.reactor.getDelayedCalls() == []
-    assert session.role.orphans == {}
+    assert session.role.orphans.held == {}
 
 
 # -- property: any spreading over pipes, fragmentation and interleaving ---------------
@@ -1329,7 +1331,9 @@ def test_any_spreading_and_fragmentation_delivers_exact_bytes(case) -> None:  # 
         cid = int(server.getPeer().host.rsplit(".", 1)[1]) - 1
         assert server.value() == b"".join(conns[cid])
         assert server.write_closed
-    assert session.role.orphans == {} and session.inbound.queued_total == 0 and session.inbound.held_budget.held == 0
+    assert (
+        session.role.orphans.held == {} and session.inbound.queued_total == 0 and session.inbound.held_budget.held == 0
+    )
     assert rp.sent() == []
 
 
@@ -1343,7 +1347,7 @@ def test_tail_after_our_rst_is_dropped_on_arrival_not_held_for_a_reused_id() -> 
     rp.refuse()
     assert rp.sent() == [Fin(4, 0, 0x99)]
     rp.send(Data(4, 1, b"old tail"), Fin(4, 2, 0x88))  # still in flight when we reset
-    assert 4 not in session.role.orphans
+    assert 4 not in session.role.orphans.held
     assert rp.mux.stats.tails_dropped == 2
     # The LP reuses the id (10 s after it got our FIN): a clean new connection.
     rp.reactor.advance(10)
@@ -1360,7 +1364,7 @@ def test_early_data_of_a_new_connection_after_the_tombstone_expires_is_held() ->
     rp.refuse()
     rp.reactor.advance(10)
     rp.send(Data(4, 1, b"early"))  # overtook its SYN: held, not dropped
-    assert session.role.orphans[4].messages == [Data(4, 1, b"early")]
+    assert session.role.orphans.held[4].messages == [Data(4, 1, b"early")]
     rp.send(Syn(4, 0, HOST, PORT))
     _, server = rp.accept()
     assert server.value() == b"early"
@@ -1378,4 +1382,4 @@ def test_tail_after_an_orderly_end_is_not_tombstoned() -> None:
     assert session.conns == {}
     assert session.role.tombstones == {}
     rp.send(Data(6, 1, b"next"))
-    assert session.role.orphans[6].messages == [Data(6, 1, b"next")]
+    assert session.role.orphans.held[6].messages == [Data(6, 1, b"next")]

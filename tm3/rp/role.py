@@ -31,11 +31,12 @@ from zope.interface import implementer
 from tm3.core.destinations import DestinationPolicy
 from tm3.core.lifecycle import Event, State
 from tm3.core.reorder import ReorderError
-from tm3.core.wire import Message, ProtocolError, Syn, encode, wire_size
+from tm3.core.wire import Message, ProtocolError, Syn, encode
 from tm3.mux.connection import Connection
 from tm3.mux.role import IRole
 from tm3.mux.session import Session
 from tm3.mux.stream import StreamProtocol
+from tm3.rp.orphans import Orphans
 
 
 class ServerConnection(StreamProtocol):
@@ -60,25 +61,6 @@ class ServerConnectionFactory(ClientFactory):
         self.role.connect_failed(self.conn, reason)
 
 
-# What held orphans really cost, charged against --orphan limits: measured
-# 108 bytes for an empty DATA in the list (the Data tuple and the list slot),
-# 141 + p with a payload of p bytes; charged wire size (8 + p) + 136. Each id
-# with orphans also has its record and its expiry timer: charged 1 KiB.
-ORPHAN_OVERHEAD = 136
-ORPHAN_ID_OVERHEAD = 1024
-
-
-class _Orphans:
-    """Messages for an id that has no connection (yet)."""
-
-    __slots__ = ("messages", "size", "timer")
-
-    def __init__(self, timer: IDelayedCall) -> None:
-        self.messages: list[Message] = []
-        self.size = 0
-        self.timer = timer
-
-
 @implementer(IRole)
 class RemoteRole:
     log = Logger()
@@ -93,8 +75,7 @@ class RemoteRole:
         self.connectors: dict[Connection, IConnector] = {}
         self.parked: dict[int, Connection] = {}  # id -> the connection waiting for it
         self.reuse_timers: dict[int, IDelayedCall] = {}
-        self.orphans: dict[int, _Orphans] = {}
-        self.orphan_total = 0
+        self.orphans = Orphans(session.reactor, session.settings, session.drop_tail, session.name)
         # id -> until when its in-flight tail is dropped on arrival (at most
         # one entry per id, so bounded by 65536; expired lazily).
         self.tombstones: dict[int, float] = {}
@@ -145,15 +126,11 @@ class RemoteRole:
             self.parked[cid] = conn
             self.reuse_timers[cid] = self.reactor.callLater(self.settings.reuse_grace, self._reuse_expired, old)
         session.inbound.push(conn, msg)
-        orphans = self.orphans.pop(cid, None)
-        if orphans is not None:
-            orphans.timer.cancel()
-            self.orphan_total -= orphans.size
-            for m in orphans.messages:
-                if conn.life.over:
-                    session.drop_tail(m)
-                else:
-                    session.inbound.push(conn, m)
+        for m in self.orphans.take(cid):
+            if conn.life.over:
+                session.drop_tail(m)
+            else:
+                session.inbound.push(conn, m)
 
     def syn_delivered(self, conn: Connection, msg: Syn) -> None:
         if self.session.conns.get(conn.conn_id) is conn:
@@ -180,40 +157,8 @@ class RemoteRole:
             self.route(m)
 
     def hold_orphan(self, msg: Message) -> None:
-        if self.session.ended:
-            return  # what an ended session still routes must not start timers
-        cid = msg.conn_id
-        size = wire_size(msg) + ORPHAN_OVERHEAD
-        orphans = self.orphans.get(cid)
-        s = self.settings
-        if orphans is None:
-            if self.orphan_total + ORPHAN_ID_OVERHEAD + size > s.orphan_total_limit:
-                self.session.drop_tail(msg)
-                return
-            orphans = _Orphans(self.reactor.callLater(s.orphan_timeout, self._orphans_expired, cid))
-            orphans.size = ORPHAN_ID_OVERHEAD
-            self.orphan_total += ORPHAN_ID_OVERHEAD
-            self.orphans[cid] = orphans
-        if orphans.size + size > s.orphan_id_limit or self.orphan_total + size > s.orphan_total_limit:
-            self.session.drop_tail(msg)
-            return
-        orphans.messages.append(msg)
-        orphans.size += size
-        self.orphan_total += size
-
-    def _orphans_expired(self, cid: int) -> None:
-        orphans = self.orphans.pop(cid, None)
-        if orphans is None:
-            return
-        self.orphan_total -= orphans.size
-        for m in orphans.messages:
-            self.session.drop_tail(m)
-        self.log.debug(
-            "{session}: dropped {n} messages for id {conn_id}, which has no connection",
-            session=self.session.name,
-            n=len(orphans.messages),
-            conn_id=cid,
-        )
+        if not self.session.ended:  # what an ended session still routes must not start timers
+            self.orphans.hold(msg)
 
     def _reuse_expired(self, old: Connection) -> None:
         cid = old.conn_id
@@ -316,14 +261,10 @@ class RemoteRole:
                 return
 
     def session_ended(self) -> None:
-        for orphans in self.orphans.values():
-            if orphans.timer.active():
-                orphans.timer.cancel()
         for timer in self.reuse_timers.values():
             if timer.active():
                 timer.cancel()
         self.orphans.clear()
-        self.orphan_total = 0
         self.tombstones.clear()
         self.parked.clear()
         self.reuse_timers.clear()
