@@ -9,11 +9,8 @@ A socket that does not take the bytes as fast as the pipes bring them gets a
 queue. The protocol has no per-connection window (v1), so the only lossless
 answer to a queue that keeps growing is to stop reading *all* pipes: past the
 per-connection ceiling or the global one, reading stops until the queues are
-down to half (hysteresis, so the pipes do not flap). That stalls every
-connection, and while the pipes are not read the peer cannot even tell us it
-gave up on the connection at fault; so a socket that takes none of its queue
-for ``stall_timeout`` seconds while the pipes are paused has its connection
-reset (FIN 0x99 to the peer), and the pause never outlives its cause. Bytes held for a
+down to half (hysteresis, so the pipes do not flap), and a
+:class:`~tm3.mux.stalls.StallWatch` keeps that pause from outliving its cause. Bytes held for a
 sequence gap never count here: pausing the pipes could hold back the very
 message that fills the gap; the reorder window bounds them instead.
 """
@@ -22,7 +19,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from tm3.core.lifecycle import WAITING, Event
@@ -39,6 +35,7 @@ from tm3.core.wire import (
     wire_size,
 )
 from tm3.mux.connection import Connection
+from tm3.mux.stalls import StallWatch
 
 if TYPE_CHECKING:
     from tm3.mux.pipes import PipeProtocol
@@ -60,8 +57,7 @@ class Inbound:
         self.held_budget = HeldBudget(session.settings.total_window_bytes)
         self.queued_total = 0
         self.over_ceiling: set[Connection] = set()
-        self._stall_call: IDelayedCall | None = None
-        self._progress: dict[Connection, int] = {}  # bytes written, at the last stall check
+        self.stalls = StallWatch(session)
 
     # -- messages ------------------------------------------------------------
 
@@ -207,7 +203,7 @@ class Inbound:
                 total=self.queued_total,
             )
             pipes.pause_reading()
-            self._watch_stalls()
+            self.stalls.start()
 
     def conn_over(self, conn: Connection) -> None:
         """No byte can join an over connection's queue: it no longer holds
@@ -216,48 +212,8 @@ class Inbound:
             self.over_ceiling.discard(conn)
             self._resume_if_drained()
 
-    # -- stalls ----------------------------------------------------------------
-
-    def _watch_stalls(self) -> None:
-        if self._stall_call is None:
-            self._progress = self._queued_progress()
-            self._stall_call = self.session.reactor.callLater(self.settings.stall_timeout, self._check_stalls)
-
-    def _queued_progress(self) -> dict[Connection, int]:
-        session = self.session
-        return {conn: conn.bytes_in for conn in session.live | session.sockets if conn.queued}
-
-    def _check_stalls(self) -> None:
-        self._stall_call = None
-        session = self.session
-        if session.ended or not session.pipes.reading_paused:
-            return
-        before = self._progress
-        for conn, written in self._queued_progress().items():
-            if before.get(conn) != written:
-                continue  # it took something, or is new: give it a whole period
-            self.stats.stalled_resets += 1
-            self.log.warn(
-                "{session}: conn {conn_id} to {host}:{port}: its socket took none of its {queued} queued bytes"
-                " in {seconds:g} s while the queues kept every pipe paused; resetting it",
-                session=session.name,
-                conn_id=conn.conn_id,
-                host=conn.host,
-                port=conn.port,
-                queued=conn.queued,
-                seconds=self.settings.stall_timeout,
-            )
-            session.event(conn, Event.STALLED)
-            if session.ended:
-                return
-        if session.pipes.reading_paused:
-            self._watch_stalls()
-
     def close(self) -> None:
-        if self._stall_call is not None and self._stall_call.active():
-            self._stall_call.cancel()
-        self._stall_call = None
-        self._progress = {}
+        self.stalls.stop()
         self.over_ceiling.clear()
 
     def _dequeued(self, conn: Connection, n: int) -> None:
@@ -283,6 +239,4 @@ class Inbound:
                 total=self.queued_total,
             )
             pipes.resume_reading()
-            if self._stall_call is not None and self._stall_call.active():
-                self._stall_call.cancel()
-            self._stall_call = None
+            self.stalls.stop()
