@@ -72,7 +72,7 @@ def interesting(text: str) -> list[str]:
     return [line for line in text.splitlines() if any(k in line for k in keys) and "Stopping factory" not in line]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tm3-demo",
         description="Run TM3 experiment 1 on this machine: test client -> LP -> N pipes -> RP -> test server.",
@@ -82,6 +82,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--request", type=int, default=4096, help="request size in bytes (default 4096)")
     parser.add_argument("--response", type=int, default=4096, help="response size in bytes (default 4096)")
     parser.add_argument("--parallel", type=int, default=1, help="parallel client connections (default 1)")
+    return parser
+
+
+def rp_argv(log: str, pipes: int, rp_port: int, srv_port: int) -> list[str]:
+    listen = f"tcp:{rp_port}:interface=127.0.0.1"
+    # The test server is on loopback, which an RP refuses unless allowed.
+    return twistd(log, "tm3rp", "--pipes", str(pipes), "--listen", listen, "--allow-to", f"127.0.0.1:{srv_port}")
+
+
+def lp_argv(log: str, pipes: int, rp_port: int, lp_port: int, srv_port: int) -> list[str]:
+    forward = f"tcp:{lp_port}:interface=127.0.0.1:127.0.0.1:{srv_port}"
+    return twistd(log, "tm3lp", "--pipes", str(pipes), "--remote", f"127.0.0.1:{rp_port}", "--forward", forward)
+
+
+def print_logs(lp_log: str, rp_log: str) -> None:
+    for name, log in (("LP", lp_log), ("RP", rp_log)):
+        print(f"{name} log:")
+        for line in interesting(read(log)):
+            print("  " + line)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 1 <= args.pipes <= 1024:
         parser.error("--pipes must be in 1..1024")
@@ -106,26 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         srv = start([sys.executable, "-m", "tm3.tools.testserver", str(srv_port), "--interface", "127.0.0.1"], srv_log)
         wait_for_port(srv_port, srv, srv_log)
         print(f"  test server  127.0.0.1:{srv_port}")
-        rp = start(
-            twistd(
-                rp_log,
-                "tm3rp",
-                "--pipes",
-                str(args.pipes),
-                "--listen",
-                f"tcp:{rp_port}:interface=127.0.0.1",
-                "--allow-to",
-                f"127.0.0.1:{srv_port}",
-            ),  # the test server is on loopback, denied by default
-            rp_log,
-        )
+        rp = start(rp_argv(rp_log, args.pipes, rp_port, srv_port), rp_log)
         wait_for_line("listening on", rp, rp_log)
         print(f"  RP           127.0.0.1:{rp_port}  (twistd tm3rp --pipes {args.pipes})")
-        lp = start(
-            twistd(lp_log, "tm3lp", "--pipes", str(args.pipes), "--remote", f"127.0.0.1:{rp_port}",
-                   "--forward", f"tcp:{lp_port}:interface=127.0.0.1:127.0.0.1:{srv_port}"),
-            lp_log,
-        )  # fmt: skip
+        lp = start(lp_argv(lp_log, args.pipes, rp_port, lp_port, srv_port), lp_log)
         wait_for_line("session 1 up", lp, lp_log)
         print(f"  LP           127.0.0.1:{lp_port} -> 127.0.0.1:{srv_port} over the pipes\n")
 
@@ -134,12 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n$ tm3-testclient 127.0.0.1 {lp_port} {' '.join(sizes)}    # through TM3")
         through = subprocess.run(client + ["127.0.0.1", str(lp_port), *sizes], env=env, timeout=120)
         time.sleep(0.5)  # let both proxies log the connections' ends
-        print("\nLP log:")
-        for line in interesting(read(lp_log)):
-            print("  " + line)
-        print("RP log:")
-        for line in interesting(read(rp_log)):
-            print("  " + line)
+        print()
+        print_logs(lp_log, rp_log)
         status = 0 if direct.returncode == 0 and through.returncode == 0 else 1
         print("\nresult:", "every byte verified, direct and through TM3" if status == 0 else "FAILED (see above)")
     except (RuntimeError, subprocess.TimeoutExpired) as e:
@@ -147,14 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tm3-demo: interrupted", file=sys.stderr)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
     return status
 
 
