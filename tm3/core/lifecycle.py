@@ -148,6 +148,22 @@ TRANSITIONS: Mapping[tuple[State, Event], Transition] = {
     (S.OVER, E.ABORT): _NOTHING,
 }
 
+# Version 2 lets a reset follow a half-close (0x99 after our own 0x88, either
+# way), so a client that half-closes and then resets tears the server side
+# down, and the other way round; v1 allows one FIN per side.
+V2_TRANSITIONS: Mapping[tuple[State, Event], Transition] = {
+    **TRANSITIONS,
+    (S.OPEN_LOCAL_DONE, E.SOCKET_RESET): _t(_OVER, A.SEND_RST, A.DROP_QUEUE, how="rst"),
+    (S.OPEN_LOCAL_DONE, E.STALLED): _t(_OVER, A.RESET_SOCKET, A.SEND_RST, A.DROP_QUEUE, how="stalled"),
+    (S.OPEN_PEER_DONE, E.PEER_RST): _t(_OVER, A.PEER_RESET, how="rst"),
+    (S.CONNECTING_PEER_DONE, E.PEER_RST): _t(_OVER, A.RESET_SOCKET, A.DROP_QUEUE, how="rst"),
+    (S.PARKED_PEER_DONE, E.PEER_RST): _t(_OVER, A.DROP_QUEUE, how="rst"),
+}
+
+V2_RESET_AFTER_FIN = frozenset(
+    {(S.OPEN_PEER_DONE, E.PEER_RST), (S.CONNECTING_PEER_DONE, E.PEER_RST), (S.PARKED_PEER_DONE, E.PEER_RST)}
+)
+
 # Before the socket is up: the peer's DATA waits in the connection's queue.
 WAITING = frozenset({S.PARKED, S.PARKED_PEER_DONE, S.CONNECTING, S.CONNECTING_PEER_DONE})
 # The socket's bytes are still wanted (we have sent no FIN).
@@ -157,15 +173,17 @@ SENDING = frozenset({S.OPEN, S.OPEN_PEER_DONE})
 class Lifecycle:
     """One connection's state; :meth:`step` is the only way it changes."""
 
-    __slots__ = ("state", "how", "peer_done")
+    __slots__ = ("state", "how", "peer_done", "table")
 
-    def __init__(self, state: State = State.CONNECTING) -> None:
+    def __init__(self, state: State = State.CONNECTING, v2: bool = False) -> None:
         if state not in (State.CONNECTING, State.PARKED):
             raise LifecycleError(f"a connection starts connecting or parked, not {state.value}")
         self.state: State = state
+        self.table = V2_TRANSITIONS if v2 else TRANSITIONS
         self.how = ""  # why it is over (log and metrics): fin, rst, connect-failed, ...
         # Whether the peer's FIN (either reason) came: what follows it in
-        # sequence belongs to the next connection with this id (rule 8).
+        # sequence belongs to the next connection with this id (rule 8), but
+        # for a v2 0x99 after a 0x88 (see :meth:`may_reset_after_fin`).
         self.peer_done = False
 
     @property
@@ -176,7 +194,7 @@ class Lifecycle:
         """Apply ``event``; returns the actions for the caller to carry out,
         in order. ``how`` names why, for an :attr:`Event.ABORT`."""
         try:
-            t = TRANSITIONS[self.state, event]
+            t = self.table[self.state, event]
         except KeyError:
             raise LifecycleError(f"{event.value} cannot happen while {self.state.value}") from None
         if self.state is not State.OVER and t.next is State.OVER:
@@ -185,6 +203,12 @@ class Lifecycle:
             self.peer_done = True
         self.state = t.next
         return t.actions
+
+    @property
+    def may_reset_after_fin(self) -> bool:
+        """Version 2: the peer sent 0x88 and may still send a 0x99 (the next
+        seq), which is this connection's, not the next one's with the id."""
+        return self.table is V2_TRANSITIONS and (self.state, Event.PEER_RST) in V2_RESET_AFTER_FIN
 
     def __repr__(self) -> str:
         return f"<Lifecycle {self.state.value}{' (' + self.how + ')' if self.how else ''}>"

@@ -27,6 +27,7 @@ _SYN_BODY = struct.Struct("<4sH")  # address in network order, port little-endia
 
 LEN_SYN = 0xFFFF
 LEN_FIN = 0xFFFE
+LEN_CREDIT = 1  # version 2 only: invalid in v1, where a length is at least 8
 MAX_DATA_LENGTH = 0xFFFD
 SYN_SIZE = HEADER_SIZE + _SYN_BODY.size  # 14
 FIN_SIZE = HEADER_SIZE + 1  # 9
@@ -65,6 +66,15 @@ class Fin(NamedTuple):
     reason: int
 
 
+class Credit(NamedTuple):
+    """Version 2: the receiver lets the sender send ``increment`` more payload
+    bytes on the connection (docs/protocol.md, "Flow control"). It takes no
+    sequence number and is acted on when it arrives, on whatever pipe."""
+
+    conn_id: int
+    increment: int
+
+
 Message = Syn | Data | Fin
 
 
@@ -95,6 +105,10 @@ def encode_syn(conn_id: int, host: str, port: int, seq: int = 0) -> bytes:
 
 def encode_fin(conn_id: int, seq: int, reason: int) -> bytes:
     return HEADER.pack(conn_id, seq, LEN_FIN) + bytes((reason,))
+
+
+def encode_credit(conn_id: int, increment: int) -> bytes:
+    return HEADER.pack(conn_id, increment, LEN_CREDIT)
 
 
 def data_header(conn_id: int, seq: int, payload_length: int) -> bytes:
@@ -133,9 +147,10 @@ class Decoder:
     kept when it finishes.
     """
 
-    __slots__ = ("_buf", "_base", "offset")
+    __slots__ = ("_buf", "_base", "offset", "v2")
 
-    def __init__(self) -> None:
+    def __init__(self, v2: bool = False) -> None:
+        self.v2 = v2  # accept version 2's CREDIT messages
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0]
         self.offset = 0  # stream offset of the message last yielded
@@ -145,7 +160,7 @@ class Decoder:
         """Bytes received but not yet part of a whole message."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> Iterator[Message]:
+    def feed(self, data: bytes) -> Iterator[Message | Credit]:
         buf = self._buf
         if buf:
             buf += data
@@ -161,6 +176,11 @@ class Decoder:
                 conn_id, seq, length = unpack(source, pos)
                 if length <= MAX_DATA_LENGTH:
                     if length < HEADER_SIZE:
+                        if length == LEN_CREDIT and self.v2:
+                            self.offset = self._base + pos
+                            pos += HEADER_SIZE
+                            yield Credit(conn_id, seq)
+                            continue
                         raise ProtocolError(
                             f"invalid length {length} (must be >= 8)",
                             self._base + pos,

@@ -4,7 +4,8 @@ Each field has one owner, named in the comments: the life cycle
 (:mod:`tm3.core.lifecycle`) decides what may happen next, the inbound half
 (pipes -> socket, :mod:`tm3.mux.inbound`) owns the reorder buffer and the
 queue of bytes the socket has not taken, the outbound half (socket -> pipes,
-:mod:`tm3.mux.outbound`) owns the send sequence number and the read pause.
+:mod:`tm3.mux.outbound`) owns the send sequence number, the read pause and
+the send credit (version 2).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from tm3.core.lifecycle import Lifecycle, State
+from tm3.core.credit import ReceiveWindow
+from tm3.core.lifecycle import Event, Lifecycle, State
 from tm3.core.reorder import HeldBudget, ReorderBuffer
 from tm3.core.wire import Message
 
@@ -21,11 +23,16 @@ if TYPE_CHECKING:
     from tm3.mux.stream import StreamProtocol
 
 
+# Version 1 has no window: the send credit never runs out.
+UNLIMITED = 1 << 62
+
+
 class Connection:
     __slots__ = (
         "conn_id", "host", "port", "started", "life", "stream",
         "rx", "queue", "queued", "shut_pending", "bytes_in",
         "tx_seq", "read_paused", "bytes_out",
+        "rwin", "credit", "credit_blocked", "backlog", "held_event",
         "__weakref__",
     )  # fmt: skip
 
@@ -37,12 +44,14 @@ class Connection:
         window_bytes: int,
         budget: HeldBudget,
         state: State = State.CONNECTING,
+        rwin: ReceiveWindow | None = None,
+        credit: int = UNLIMITED,
     ) -> None:
         self.conn_id = conn_id
         self.host = host
         self.port = port
         self.started = time.monotonic()
-        self.life = Lifecycle(state)
+        self.life = Lifecycle(state, v2=rwin is not None)
         # The socket while it is up and ours to use (session: attach, reset).
         self.stream: StreamProtocol | None = None
         # Inbound: messages from the pipes, and bytes the socket has not taken.
@@ -51,10 +60,18 @@ class Connection:
         self.queued = 0  # what the queue costs: payload plus QUEUE_CHUNK_OVERHEAD a chunk
         self.shut_pending = False  # half-close the socket once the queue is written
         self.bytes_in = 0  # payload from the pipes, written to the socket
+        self.rwin = rwin  # version 2: what we let the peer send (and grant as the socket takes it)
         # Outbound: bytes from the socket, framed onto the pipes.
         self.tx_seq = 0
-        self.read_paused = False
+        self.read_paused = False  # because every pipe is blocked
         self.bytes_out = 0
+        # Version 2: payload bytes the peer lets us send; what the socket
+        # brought past that waits in the backlog (one read at most), with
+        # the socket paused; its EOF or orderly close waits behind it.
+        self.credit = credit
+        self.credit_blocked = False
+        self.backlog = b""
+        self.held_event: Event | None = None  # SOCKET_EOF or SOCKET_CLOSED, fed once the backlog is out
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} {self.host}:{self.port} {self.life.state.value}>"

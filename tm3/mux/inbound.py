@@ -6,7 +6,10 @@ the connection's socket, a FIN is an event for the connection's life cycle,
 a SYN goes to the role.
 
 A socket that does not take the bytes as fast as the pipes bring them gets a
-queue. The protocol has no per-connection window (v1), so the only lossless
+queue. Version 2 has a window per connection (tm3/core/credit.py): the peer never
+sends more than the socket's queue may hold, and each byte the socket takes
+is granted back (CREDIT), so a slow socket holds up only its own connection.
+Version 1 has no per-connection window, so the only lossless
 answer to a queue that keeps growing is to stop reading *all* pipes: past the
 per-connection ceiling or the global one, reading stops until the queues are
 down to half (hysteresis, so the pipes do not flap), and a
@@ -21,11 +24,13 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
+from tm3.core.credit import WindowExceeded
 from tm3.core.lifecycle import WAITING, Event
 from tm3.core.reorder import HeldBudget, ReorderError
 from tm3.core.wire import (
     REASON_RST,
     SEQ_MASK,
+    Credit,
     Data,
     Fin,
     Message,
@@ -65,13 +70,23 @@ class Inbound:
         session = self.session
         stats = self.stats
         route = session.role.route
+        credit = session.outbound.credit
         msg: Message | None = None
         try:
-            for msg in pipe.decoder.feed(data):
+            for item in pipe.decoder.feed(data):
                 stats.messages_received += 1
+                if isinstance(item, Credit):
+                    credit(item.conn_id, item.increment)
+                    continue
+                msg = item
                 route(msg)
                 if session.ended:
                     break
+        except WindowExceeded as e:
+            assert msg is not None
+            session.protocol_error(
+                pipe.name, f"connection {msg.conn_id} sent {e}", pipe.decoder.offset, encode(msg)[:16]
+            )
         except (ProtocolError, ReorderError) as e:
             if isinstance(e, ProtocolError) and e.offset >= 0:
                 session.protocol_error(pipe.name, e.reason, e.offset, e.data)
@@ -83,6 +98,9 @@ class Inbound:
         """Reorder ``msg`` into ``conn`` and act on whatever is now in order."""
         rx = conn.rx
         seq = msg.seq
+        rwin = conn.rwin
+        if rwin is not None and type(msg) is Data:
+            rwin.receive(len(msg.payload))
         if seq == rx.next_seq and not rx.held_bytes:
             # The common case, in order with nothing held: no buffering, no
             # list (held_bytes is 0 exactly when nothing is held).
@@ -97,9 +115,15 @@ class Inbound:
             self._deliver(conn, m)
             if type(m) is Fin:
                 # Anything after a connection's FIN belongs to the next
-                # connection with this id (docs/protocol.md rule 8).
+                # connection with this id (docs/protocol.md rule 8), but
+                # a v2 reset after a half-close.
                 rest = ready[i + 1 :]
                 rest.extend(item for _, item in conn.rx.take_held())
+                if rest and conn.life.may_reset_after_fin:
+                    first = rest[0]
+                    if type(first) is Fin and first.reason == REASON_RST and first.seq == (m.seq + 1) & SEQ_MASK:
+                        del rest[0]
+                        self._deliver(conn, first)
                 if rest:
                     self.session.role.after_fin(conn, rest)
                 break
@@ -129,6 +153,8 @@ class Inbound:
                 conn.bytes_in += n
                 self.stats.bytes_from_pipes += n
                 stream.write(payload)
+                if conn.rwin is not None:
+                    self._consumed(conn, n)
                 return
         elif conn.life.state not in WAITING:
             self.stats.tail_bytes_dropped += n
@@ -157,9 +183,18 @@ class Inbound:
             conn.bytes_in += freed
             self.stats.bytes_from_pipes += freed
             self._dequeued(conn, freed + chunks * QUEUE_CHUNK_OVERHEAD)
+            if conn.rwin is not None:
+                self._consumed(conn, freed)
         if not queue and conn.shut_pending:
             conn.shut_pending = False
             stream.shutdown_write()
+
+    def _consumed(self, conn: Connection, n: int) -> None:
+        """Version 2: the socket took ``n`` bytes; grant the peer more."""
+        assert conn.rwin is not None
+        increment = conn.rwin.consume(n)
+        if increment and not conn.life.peer_done:
+            self.session.outbound.send_credit(conn, increment)
 
     def shutdown_when_drained(self, conn: Connection) -> None:
         conn.shut_pending = True
@@ -189,7 +224,8 @@ class Inbound:
 
     def _check_ceiling(self, conn: Connection) -> None:
         s = self.settings
-        if conn.queued > s.conn_queue_limit:
+        if conn.queued > s.conn_queue_limit and conn.rwin is None:
+            # (A v2 connection's window bounds its queue: it holds only itself up.)
             self.over_ceiling.add(conn)
         pipes = self.session.pipes
         if (self.over_ceiling or self.queued_total > s.total_queue_limit) and not pipes.reading_paused:

@@ -5,6 +5,11 @@ Bytes read from a connection's socket are cut into DATA messages of at most
 handed to the pipe scheduler (:class:`~tm3.mux.pipes.PipeSet`), which puts
 each whole message on one pipe that is not blocked.
 
+Version 2 adds a window per connection (:mod:`tm3.core.credit`): a socket
+that brings more than the peer's credit allows keeps the rest in the
+connection's backlog and is not read again until the peer's CREDIT lets the
+backlog out; its EOF waits behind the backlog, so the FIN follows the bytes.
+
 Download backpressure: when every pipe is blocked there is nowhere to put
 more, so the session stops reading sockets. Pausing all of them at that
 moment would cost O(connections) on every blip, so it is lazy: the sockets
@@ -21,7 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tm3.core.lifecycle import State
-from tm3.core.wire import HEADER, REASON_FIN, SEQ_MASK, encode_fin
+from tm3.core.wire import HEADER, REASON_FIN, SEQ_MASK, encode_credit, encode_fin
 from tm3.mux.connection import Connection
 from tm3.mux.pipes import PipeProtocol, PipeSet
 
@@ -56,6 +61,22 @@ class Outbound:
         n = len(data)
         conn.bytes_out += n
         self.stats.bytes_to_pipes += n
+        if n > conn.credit or conn.backlog:
+            self._past_credit(conn, data)
+        else:
+            conn.credit -= n
+            self._frame(conn, data)
+        if self.pipes.unblocked == 0:
+            self.pause_reader(conn)
+            self.overdraft += n
+            if self.overdraft > OVERDRAFT_LIMIT and not self.paused_all:
+                self._pause_all()
+        else:
+            self.recent.add(conn)
+
+    def _frame(self, conn: Connection, data: bytes) -> None:
+        """Cut ``data`` into DATA messages for the pipes."""
+        n = len(data)
         maxp = self.max_payload
         pipes = self.pipes
         cid = conn.conn_id
@@ -75,13 +96,56 @@ class Outbound:
                 sent += 1
         conn.tx_seq = seq & SEQ_MASK
         self.stats.messages_sent += sent
-        if pipes.unblocked == 0:
-            self.pause_reader(conn)
-            self.overdraft += n
-            if self.overdraft > OVERDRAFT_LIMIT and not self.paused_all:
-                self._pause_all()
-        else:
-            self.recent.add(conn)
+
+    # -- version 2: the send credit ----------------------------------------------
+
+    def _past_credit(self, conn: Connection, data: bytes) -> None:
+        """The socket brought more than the peer lets us send: send what we
+        may, keep the rest, and stop reading the socket until credit comes."""
+        conn.backlog += data
+        self._send_backlog(conn)
+        if conn.backlog and not conn.credit_blocked:
+            conn.credit_blocked = True
+            self.stats.credit_stalls += 1
+            if not conn.read_paused and conn.stream is not None:
+                conn.stream.pause_reading()
+
+    def _send_backlog(self, conn: Connection) -> None:
+        n = min(conn.credit, len(conn.backlog))
+        if n:
+            chunk, conn.backlog = conn.backlog[:n], conn.backlog[n:]
+            conn.credit -= n
+            self._frame(conn, chunk)
+
+    def credit(self, conn_id: int, increment: int) -> None:
+        """The peer's CREDIT: send what waited for it, read the socket again."""
+        conn = self.session.conns.get(conn_id)
+        if conn is None or conn.life.over:
+            self.stats.credits_dropped += 1  # the connection is over here: nothing waits for it
+            return
+        conn.credit += increment
+        if not conn.backlog:
+            return
+        if conn.life.state is _OPEN or conn.life.state is _OPEN_PEER_DONE or conn.held_event is not None:
+            self._send_backlog(conn)
+        if conn.backlog:
+            return
+        conn.credit_blocked = False
+        held, conn.held_event = conn.held_event, None
+        if held is not None:
+            self.session.event(conn, held)  # the socket's end, now that its bytes are out
+        elif not conn.read_paused and conn.stream is not None:
+            conn.stream.resume_reading()
+
+    def send_credit(self, conn: Connection, increment: int) -> None:
+        self.pipes.send(encode_credit(conn.conn_id, increment))
+        self.stats.credits_sent += 1
+
+    def drop_backlog(self, conn: Connection) -> None:
+        if conn.backlog:
+            self.stats.tail_bytes_dropped += len(conn.backlog)
+            conn.backlog = b""
+        conn.held_event = None
 
     def send(self, conn: Connection, message: bytes) -> None:
         """A whole control message (SYN or FIN) that takes the next sequence number."""
@@ -90,6 +154,8 @@ class Outbound:
         self.stats.messages_sent += 1
 
     def send_fin(self, conn: Connection, reason: int = REASON_FIN) -> None:
+        if reason != REASON_FIN:
+            self.drop_backlog(conn)  # a reset drops what was not sent, as TCP's does
         self.send(conn, encode_fin(conn.conn_id, conn.tx_seq, reason))
 
     # -- pausing sockets -------------------------------------------------------
@@ -102,7 +168,8 @@ class Outbound:
         stream = conn.stream
         if not conn.read_paused and stream is not None:
             conn.read_paused = True
-            stream.pause_reading()
+            if not conn.credit_blocked:
+                stream.pause_reading()
             self.paused.add(conn)
 
     def forget(self, conn: Connection) -> None:
@@ -130,7 +197,7 @@ class Outbound:
         paused, self.paused = self.paused, set()
         for conn in paused:
             conn.read_paused = False
-            if conn.stream is not None:
+            if conn.stream is not None and not conn.credit_blocked:
                 conn.stream.resume_reading()
 
     def close(self) -> None:

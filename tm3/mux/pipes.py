@@ -19,6 +19,7 @@ them is gathered, and how messages are spread over them.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol as TypingProtocol
 
@@ -46,6 +47,10 @@ MAX_EARLY_BYTES = 256 * 1024
 # While the pipes are not read (upload ceilings), the reactor cannot see an
 # EOF or a reset on them; ask the kernel this often instead.
 PAUSED_CHECK_INTERVAL = 1.0
+# struct tcp_info (include/uapi/linux/tcp.h): tcpi_rtt, in microseconds, after
+# 8 bytes of u8 fields and 15 u32 fields.
+_TCPI_RTT = struct.Struct("=I")
+_TCPI_RTT_OFFSET = 68
 # Linux TCP states (include/net/tcp_states.h) that mean the peer is gone.
 _PEER_GONE_STATES = frozenset({7, 8, 9, 11})  # CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
 
@@ -179,6 +184,19 @@ class PipeProtocol(Protocol):
         except (OSError, AttributeError, IndexError, TypeError):
             return False
         return state in _PEER_GONE_STATES
+
+    def rtt(self) -> float:
+        """The kernel's smoothed RTT of this pipe in seconds (0 when unknown)."""
+        get_handle = getattr(self.transport, "getHandle", None)
+        if get_handle is None or not self.connected_:
+            return 0.0
+        try:
+            info = get_handle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_RTT.size + _TCPI_RTT_OFFSET)
+        except (OSError, AttributeError, TypeError):
+            return 0.0
+        if len(info) < _TCPI_RTT_OFFSET + _TCPI_RTT.size:
+            return 0.0
+        return float(_TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)[0]) / 1e6
 
     def abort(self) -> None:
         """Close the pipe now: a dead session's backlog is worth nothing."""

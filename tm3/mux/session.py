@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tm3.core.credit import ReceiveWindow, WindowBudget
 from tm3.core.lifecycle import Action, Event, State
 from tm3.core.wire import REASON_FIN, REASON_RST, Data, Message
 from tm3.mux.connection import Connection
@@ -30,7 +31,7 @@ from tm3.mux.inbound import Inbound
 from tm3.mux.outbound import Outbound
 from tm3.mux.pipes import PipeProtocol, PipeSet
 from tm3.mux.role import IRole
-from tm3.mux.settings import Settings, Stats
+from tm3.mux.settings import V1, Settings, Stats, Terms
 from tm3.mux.stream import StreamProtocol
 from tm3.reactor import IProxyReactor
 
@@ -49,8 +50,13 @@ class Session:
         role: Callable[[Session], IRole],
         on_end: EndCallback | None = None,
         name: str = "session",
+        terms: Terms = V1,
     ) -> None:
         self.reactor = reactor
+        self.terms = terms
+        self.windows = WindowBudget(settings.session_window)
+        self._rtt = 0.0
+        self._rtt_checked = -1.0
         self.settings = settings
         self.stats = stats
         self.name = name
@@ -60,6 +66,8 @@ class Session:
         self.conns: dict[int, Connection] = {}  # the current connection of each id
         self.live: set[Connection] = set()  # not over yet (with parked ones)
         self.sockets: set[Connection] = set()  # socket attached and ours
+        for pipe in pipes:
+            pipe.decoder.v2 = terms.v2  # before the early bytes are replayed
         self.inbound = Inbound(self)
         self.outbound = Outbound(self, pipes)
         self.role = role(self)
@@ -72,7 +80,14 @@ class Session:
         return self.outbound.pipes
 
     def new_connection(self, conn_id: int, host: str, port: int, state: State = State.CONNECTING) -> Connection:
-        conn = Connection(conn_id, host, port, self.settings.window_bytes, self.inbound.held_budget, state)
+        s = self.settings
+        if self.terms.v2:
+            rwin = ReceiveWindow(s.initial_window, s.max_window, self.windows, self.reactor.seconds, self.rtt)
+            conn = Connection(
+                conn_id, host, port, s.window_bytes, self.inbound.held_budget, state, rwin, self.terms.peer_window
+            )
+        else:
+            conn = Connection(conn_id, host, port, s.window_bytes, self.inbound.held_budget, state)
         self.live.add(conn)
         self.stats.connections_opened += 1
         return conn
@@ -116,13 +131,20 @@ class Session:
 
     def socket_eof(self, conn: Connection, stream: StreamProtocol) -> None:
         if conn.stream is stream and not self.ended:
-            self.event(conn, Event.SOCKET_EOF)
+            if conn.backlog:
+                conn.held_event = Event.SOCKET_EOF  # the FIN goes after the bytes waiting for credit
+            else:
+                self.event(conn, Event.SOCKET_EOF)
 
     def socket_lost(self, conn: Connection, stream: StreamProtocol, orderly: bool) -> None:
         if conn.stream is not stream:
             return  # we reset it, or handed it off: that was its end here
         self.detach(conn)
-        if not self.ended:
+        if self.ended:
+            return
+        if orderly and conn.backlog:
+            conn.held_event = Event.SOCKET_CLOSED
+        else:
             self.event(conn, Event.SOCKET_CLOSED if orderly else Event.SOCKET_RESET)
 
     def detach(self, conn: Connection) -> StreamProtocol | None:
@@ -142,6 +164,9 @@ class Session:
 
     def _over(self, conn: Connection) -> None:
         self.live.discard(conn)
+        self.outbound.drop_backlog(conn)
+        if conn.rwin is not None:
+            conn.rwin.release()
         self.inbound.conn_over(conn)
         self.stats.ended(conn.life.how)
         self._log_end(conn)
@@ -171,6 +196,15 @@ class Session:
             self.stats.tail_bytes_dropped += len(msg.payload)
 
     # -- pipes -------------------------------------------------------------------
+
+    def rtt(self) -> float:
+        """The pipes' round-trip time in seconds (the slowest pipe's smoothed
+        RTT, from the kernel; refreshed once a second at most)."""
+        now = self.reactor.seconds()
+        if now - self._rtt_checked >= 1.0:
+            self._rtt_checked = now
+            self._rtt = max((pipe.rtt() for pipe in self.pipes.pipes), default=0.0)
+        return self._rtt
 
     def pipe_data(self, pipe: PipeProtocol, data: bytes) -> None:
         if not self.ended:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from attrs import define, field, frozen
 
+from tm3.core.credit import DEFAULT_INITIAL_WINDOW, DEFAULT_MAX_WINDOW, DEFAULT_SESSION_WINDOW
 from tm3.core.reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES
 from tm3.core.wire import DEFAULT_PAYLOAD
 
@@ -27,6 +28,27 @@ class Settings:
     orphan_total_limit: int = 16 * MiB
     reuse_grace: float = 2.0
     stall_timeout: float = 10.0
+    # Version 2 flow control (tm3/core/credit.py).
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+    max_window: int = DEFAULT_MAX_WINDOW
+    session_window: int = DEFAULT_SESSION_WINDOW
+
+
+@frozen
+class Terms:
+    """What one session's two ends agreed on in the handshake: the protocol
+    version and, for version 2, the window the peer gives each of our
+    connections before its first CREDIT."""
+
+    version: int = 1
+    peer_window: int = 0
+
+    @property
+    def v2(self) -> bool:
+        return self.version == 2
+
+
+V1 = Terms()
 
 
 @define
@@ -50,6 +72,9 @@ class Stats:
     upload_pauses: int = 0
     stalled_resets: int = 0
     download_pauses: int = 0
+    credits_sent: int = 0
+    credits_dropped: int = 0  # for connections that are over
+    credit_stalls: int = 0  # a socket paused because its connection's window was used up
     ended_by: dict[str, int] = field(factory=dict)
 
     def ended(self, how: str) -> None:
