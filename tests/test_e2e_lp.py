@@ -534,7 +534,9 @@ async def test_a_server_that_never_reads_stalls_the_others_only_until_the_stall_
     lp = await env.lp(rp.port, 4, [stuck.port, echo.port])
     uploader = await env.open(lp, "forward", stuck.port, index=0)
     PatternProducer(uploader.transport, 256 * MiB, seed=1)
-    await until(lambda: rp.session.pipes.reading_paused, 10, "the RP to stop reading its pipes")
+    await until(
+        lambda: rp.session is not None and rp.session.pipes.reading_paused, 10, "the RP to stop reading its pipes"
+    )
     started = time.monotonic()
     await env.echo_round_trip(lp, "forward", echo.port, b"ping" * 1000, index=1)
     waited = time.monotonic() - started
@@ -683,6 +685,9 @@ async def test_rp_restart(env: Env, pipes: int) -> None:
     rp2 = await env.rp(pipes, port=rp.port)
     session = await within(lp.service.when_session(), 15, "the LP's new session")
     assert session is not first and session is lp.session and not session.ended
+    # (The RP starts a v1 session on the set's first message, or when its pipes
+    # have been silent for --hello-wait: the LP cannot tell which.)
+    await until(lambda: rp2.session is not None, 5, "the RP's new session")
     assert rp2.session is not None and len(rp2.session.pipes.pipes) == pipes
     assert lp.stats.sessions == 2
     await within(waiting.when_received(6), 10, "the waiting client's echo")

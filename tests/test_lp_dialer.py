@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
 from tm3.lp.dialer import INITIAL_BACKOFF, MAX_BACKOFF, PipeDialer
 
 
 def make_dialer() -> PipeDialer:
-    return PipeDialer(MemoryReactorClock(), "127.0.0.1", 6000, 4, lambda pipes: None)
+    reactor = MemoryReactorClock()
+    return PipeDialer(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 6000), 4, lambda pipes, terms: None)
 
 
 def test_sessions_that_die_at_once_back_off_exponentially() -> None:

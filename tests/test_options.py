@@ -114,6 +114,13 @@ BAD = [
     ("total-reorder-window", "1KiB", "1048576..68719476736"),
     ("total-reorder-window", "65GiB", "1048576..68719476736"),
     ("total-reorder-window", "1.5GiB", "1048576..68719476736"),
+    ("initial-window", "1KiB", "4096..1073741824"),
+    ("initial-window", "2GiB", "4096..1073741824"),
+    ("max-window", "64KiB", "262144..1073741824"),
+    ("session-window", "65GiB", "0..68719476736"),
+    ("hello-wait", "0", "more than 0 and at most 60"),
+    ("hello-wait", "soon", "more than 0 and at most 60"),
+    ("handshake-timeout", "601", "more than 0 and at most 600"),
 ]
 
 
@@ -141,7 +148,7 @@ def test_bad_listen_endpoint(listen: str) -> None:
 
 def test_every_option_is_tested_here() -> None:
     names = {p[0] for p in Options.optParameters}
-    assert names == {o for o, _, _ in BAD} | {"listen"}
+    assert names == {o for o, _, _ in BAD} | {"listen", "key-file"}
     # The destination rules are opt_ methods: order matters between them.
     assert set(ENVIRONMENT.values()) == names | {"allow-from", "allow-to", "deny-to"}
 
@@ -357,4 +364,4 @@ def test_a_malformed_ipv4_remote_is_a_usage_error() -> None:
 def test_forward_targets_are_ipv4_literals_or_resolved_names() -> None:
     config = lp_options("--forward", "tcp:8080:10.0.0.5:80", "--forward", "tcp:8081:localhost:81")
     assert config["forward"] == [("tcp:8080", "10.0.0.5", 80), ("tcp:8081", "127.0.0.1", 81)]
-    assert config["remote"] == ("127.0.0.1", 6000)
+    assert config["remote"] == "tcp:host=127.0.0.1:port=6000:timeout=10"

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from tm3.core.handshake import load_key
 from tm3.core.wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
 from tm3.mux.settings import Settings
 from tm3.reactor import default_reactor
@@ -76,6 +77,11 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["total-queue", None, "64MiB", "Bytes queued for all sockets before all pipes pause (64KiB..16GiB)."],
     ["stall-timeout", None, "10", "Seconds a socket may take none of its queue while the queues keep every pipe "
      "paused; then that connection is reset (0 < s <= 3600)."],
+    ["initial-window", None, "256KiB", "v2: payload bytes the peer may send on a connection before our first CREDIT "
+     "(4KiB..1GiB)."],
+    ["max-window", None, "16MiB", "v2: the most a connection's window grows to (--initial-window..1GiB)."],
+    ["session-window", None, "256MiB", "v2: how far all connections' windows may grow past --initial-window "
+     "together (0..64GiB)."],
     ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
     ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
 ]  # fmt: skip
@@ -88,6 +94,9 @@ def parse_tuning(config: usage.Options) -> None:
     config["conn-queue"] = parse_size("conn-queue", config["conn-queue"], 64 * 1024, 1024**3)
     config["total-queue"] = parse_size("total-queue", config["total-queue"], 64 * 1024, 16 * 1024**3)
     config["stall-timeout"] = parse_seconds("stall-timeout", config["stall-timeout"], 0, 3600)
+    config["initial-window"] = parse_size("initial-window", config["initial-window"], 4096, 1024**3)
+    config["max-window"] = parse_size("max-window", config["max-window"], config["initial-window"], 1024**3)
+    config["session-window"] = parse_size("session-window", config["session-window"], 0, 64 * 1024**3)
     config["reorder-window"] = parse_size("reorder-window", config["reorder-window"], 1024**2, 16 * 1024**3)
     config["total-reorder-window"] = parse_size(
         "total-reorder-window", config["total-reorder-window"], 1024**2, 64 * 1024**3
@@ -101,9 +110,26 @@ def settings_from(config: usage.Options) -> Settings:
         conn_queue_limit=config["conn-queue"],
         total_queue_limit=config["total-queue"],
         stall_timeout=config["stall-timeout"],
+        initial_window=config["initial-window"],
+        max_window=config["max-window"],
+        session_window=config["session-window"],
         window_bytes=config["reorder-window"],
         total_window_bytes=config["total-reorder-window"],
     )
+
+
+def read_key_file(option: str, path: str) -> bytes:
+    """The shared key in the file at ``path`` (tm3/core/handshake.py), or a
+    usage error naming the option."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(65536)
+    except OSError as e:
+        raise usage.UsageError(f"--{option}: cannot read {path!r}: {e.strerror}") from None
+    try:
+        return load_key(data, repr(path))
+    except ValueError as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
 
 
 def check_server_endpoint(option: str, description: str) -> None:
@@ -113,3 +139,12 @@ def check_server_endpoint(option: str, description: str) -> None:
         endpoints.serverFromString(reactor, description)
     except (ValueError, KeyError, TypeError) as e:
         raise usage.UsageError(f"--{option}: not a server endpoint string: {description!r} ({e})") from None
+
+
+def check_client_endpoint(option: str, description: str) -> None:
+    """A usage error unless ``description`` is a Twisted client endpoint string."""
+    reactor = default_reactor()
+    try:
+        endpoints.clientFromString(reactor, description)
+    except (ValueError, KeyError, TypeError, ImportError) as e:
+        raise usage.UsageError(f"--{option}: not a client endpoint string: {description!r} ({e})") from None

@@ -78,10 +78,21 @@ class Env:
         self.rps.append(rp)
         return rp
 
-    async def lp(self, rp_port: int, pipes: int, forward: Sequence[int] = (), wait: bool = True) -> LP:
+    async def lp(
+        self,
+        rp_port: int,
+        pipes: int,
+        forward: Sequence[int] = (),
+        wait: bool = True,
+        extra: Sequence[str] = (),
+        remote: str | None = None,
+    ) -> LP:
         """An LP with a SOCKS5 listener and one forward listener per port in
-        ``forward`` (to 127.0.0.1:port); ``wait``: until its session is up."""
-        argv = ["--remote", f"{HOST}:{rp_port}", "--pipes", str(pipes), "--socks", f"tcp:0:interface={HOST}"]
+        ``forward`` (to 127.0.0.1:port), with the ``extra`` options; ``remote``
+        replaces ``127.0.0.1:rp_port`` (an endpoint string); ``wait``: until
+        its session is up."""
+        remote = f"{HOST}:{rp_port}" if remote is None else remote
+        argv = ["--remote", remote, "--pipes", str(pipes), "--socks", f"tcp:0:interface={HOST}", *extra]
         for port in forward:
             argv += ["--forward", f"tcp:0:interface={HOST}:{HOST}:{port}"]
         config = lp_tap.Options()

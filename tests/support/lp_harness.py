@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 
@@ -110,7 +110,8 @@ class LP:
         self.n = n
         self.reactor = LPReactor()
         self.settings = Settings(**settings)
-        self.proxy = LocalProxy(self.reactor, RP_HOST, RP_PORT, n, self.settings)
+        endpoint = TCP4ClientEndpoint(self.reactor, RP_HOST, RP_PORT, timeout=10)
+        self.proxy = LocalProxy(self.reactor, endpoint, n, self.settings, f"{RP_HOST}:{RP_PORT}")
         self.stats = self.proxy.stats
         factory = socks_factory(self.proxy) if mode == "socks" else forward_factory(self.proxy, *TARGET)
         self.listener = self.proxy.add_listener(

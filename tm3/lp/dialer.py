@@ -1,5 +1,6 @@
-"""The LP's pipe dialer: opens all ``n`` pipes to the RP at once, and uses a
-set only whole. A failed try is retried with exponential backoff; the delay
+"""The LP's pipe dialer: opens all ``n`` pipes to the RP at once (through a
+client endpoint: TCP, or TLS), greets the RP on each (the v2 handshake, with
+a key), and uses a set only whole. A failed try is retried with exponential backoff; the delay
 after a session ends depends on whether that session was of any use (an RP
 that closes every set at once probably expects another ``--pipes``)."""
 
@@ -9,12 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tm3.core.credit import DEFAULT_INITIAL_WINDOW
+from tm3.core.handshake import new_session_id
+from tm3.lp.greeting import ClientGreeting
 from tm3.mux.pipes import PipeGathering, PipeProtocol
+from tm3.mux.settings import V1, Terms
 from tm3.reactor import IProxyReactor
 
 INITIAL_BACKOFF = 0.5
@@ -27,18 +31,22 @@ class PipeDialer:
     def __init__(
         self,
         reactor: IProxyReactor,
-        host: str,
-        port: int,
+        endpoint: IStreamClientEndpoint,
         n: int,
-        on_up: Callable[[list[PipeProtocol]], object],
-        timeout: float = 10.0,
+        on_up: Callable[[list[PipeProtocol], Terms], object],
+        remote: str = "the RP",
+        key: bytes | None = None,
+        window: int = DEFAULT_INITIAL_WINDOW,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.reactor = reactor
-        self.host = host
-        self.port = port
+        self.endpoint = endpoint
+        self.remote = remote
         self.n = n
         self.on_up = on_up
-        self.timeout = timeout
+        self.key = key
+        self.window = window
+        self.handshake_timeout = handshake_timeout
         self.backoff = INITIAL_BACKOFF
         self.attempt: PipeGathering | None = None
         self.retry: IDelayedCall | None = None
@@ -64,9 +72,20 @@ class PipeDialer:
             on_complete=lambda pipes: self._complete(attempt, pipes),
             on_lost=lambda _pipe, reason: self.failed(attempt, reason),
         )
-        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
+        if self.key is not None:
+            # A new session id for every attempt: an LP that redials (or
+            # restarts) starts a new session, and the old one ends with its pipes.
+            attempt.greeter = ClientGreeting(
+                self.reactor,
+                attempt,
+                self.key,
+                new_session_id(),
+                self.window,
+                self.handshake_timeout,
+                lambda reason: self.failed(attempt, reason),
+            )
         for _ in range(self.n):
-            d: Deferred[Any] = endpoint.connect(attempt)
+            d: Deferred[Any] = self.endpoint.connect(attempt)
             d.addErrback(self._connect_failed, attempt)
 
     def _connect_failed(self, reason: Failure, attempt: PipeGathering) -> None:
@@ -75,16 +94,14 @@ class PipeDialer:
     def failed(self, attempt: PipeGathering, reason: Failure) -> None:
         if attempt.closed or attempt is not self.attempt:
             return
-        attempt.close()
-        self.attempt = None
+        self._close(attempt)
         self.failures += 1
         if self.stopped:
             return
         self.log.warn(
-            "cannot open {n} pipes to the RP at {host}:{port}: {why}; retrying in {delay:.1f} s",
+            "cannot open {n} pipes to the RP at {remote}: {why}; retrying in {delay:.1f} s",
             n=self.n,
-            host=self.host,
-            port=self.port,
+            remote=self.remote,
             why=reason.getErrorMessage(),
             delay=self.backoff,
         )
@@ -98,7 +115,11 @@ class PipeDialer:
                 pipe.abort()
             return
         self.attempt = None
-        self.on_up(pipes)
+        if self.key is None:
+            self.on_up(pipes, V1)
+        else:
+            pipes.sort(key=lambda p: p.index)
+            self.on_up(pipes, Terms(version=2, peer_window=min(p.peer_window for p in pipes)))
 
     def next_delay(self, session_was_useful: bool) -> float:
         """Delay before redialing after a session ended: short after a
@@ -117,5 +138,11 @@ class PipeDialer:
             self.retry.cancel()
         self.retry = None
         if self.attempt is not None:
-            self.attempt.close()
+            self._close(self.attempt)
+
+    def _close(self, attempt: PipeGathering) -> None:
+        attempt.close()
+        if isinstance(attempt.greeter, ClientGreeting):
+            attempt.greeter.close()
+        if attempt is self.attempt:
             self.attempt = None

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -28,7 +28,7 @@ from tm3.mux.connection import Connection
 from tm3.mux.pipes import PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
-from tm3.mux.settings import Settings
+from tm3.mux.settings import Settings, Terms
 from tm3.reactor import IProxyReactor
 
 # A session that lasted this long resets the redial backoff.
@@ -43,11 +43,12 @@ class LocalProxy(MultiService):
     def __init__(
         self,
         reactor: IProxyReactor,
-        host: str,
-        port: int,
+        endpoint: IStreamClientEndpoint,
         pipes: int,
         settings: Settings,
-        connect_timeout: float = 10.0,
+        remote: str = "the RP",
+        key: bytes | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         super().__init__()
         self.setName("tm3lp")
@@ -55,8 +56,17 @@ class LocalProxy(MultiService):
         self.sessions = Sessions(reactor, settings, LocalRole, on_up=self._up, on_down=self._down)
         self.stats = self.sessions.stats
         self.listeners: list[ListeningService] = []
-        self.remote = f"{host}:{port}"
-        self.dialer = PipeDialer(reactor, host, port, pipes, self._pipes_up, connect_timeout)
+        self.remote = remote
+        self.dialer = PipeDialer(
+            reactor,
+            endpoint,
+            pipes,
+            self._pipes_up,
+            remote,
+            key=key,
+            window=settings.initial_window,
+            handshake_timeout=handshake_timeout,
+        )
         self._session_started = 0.0
         self._opened_before = 0
         self._session_waiters: list[Deferred[Session]] = []
@@ -102,15 +112,16 @@ class LocalProxy(MultiService):
             if method is not None:
                 method()
 
-    def _pipes_up(self, pipes: list[PipeProtocol]) -> None:
+    def _pipes_up(self, pipes: list[PipeProtocol], terms: Terms) -> None:
         self._session_started = self.reactor.seconds()
         self._opened_before = self.stats.connections_opened
-        self.sessions.start(pipes)
+        self.sessions.start(pipes, terms=terms)
 
     def _up(self, session: Session) -> None:
         self.log.info(
-            "{session} up: {n} pipes to the RP at {remote}",
+            "{session} up (v{version}): {n} pipes to the RP at {remote}",
             session=session.name,
+            version=session.terms.version,
             n=len(session.pipes.pipes),
             remote=self.remote,
         )

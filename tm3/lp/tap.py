@@ -11,9 +11,12 @@ from tm3.lp.service import LocalProxy, resolve_ipv4
 from tm3.mux.settings import Settings
 from tm3.options import (
     TUNING_PARAMETERS,
+    check_client_endpoint,
     check_server_endpoint,
     parse_int,
+    parse_seconds,
     parse_tuning,
+    read_key_file,
     settings_from,
 )
 from tm3.reactor import IProxyReactor, default_reactor
@@ -21,14 +24,28 @@ from tm3.reactor import IProxyReactor, default_reactor
 DEFAULT_RP_PORT = 6000
 
 
-def parse_remote(text: str) -> tuple[str, int]:
+# Client endpoint types --remote takes as an endpoint string; anything else is
+# HOST[:PORT].
+ENDPOINT_TYPES = ("tcp", "tls", "ssl", "unix")
+
+
+def parse_remote(text: str, connect_timeout: float) -> str:
+    """The RP as a Twisted client endpoint string: ``tcp:HOST:PORT``,
+    ``tls:HOST:PORT:trustRoots=...`` and the like as given, or ``HOST[:PORT]``
+    (resolved once, now) made into ``tcp:host=...:port=...``."""
+    kind = text.split(":", 1)[0].strip().lower()
+    if kind in ENDPOINT_TYPES:
+        check_client_endpoint("remote", text)
+        return text
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = text, str(DEFAULT_RP_PORT)
     if not host:
-        raise usage.UsageError(f"--remote must be HOST or HOST:PORT, not {text!r}")
+        raise usage.UsageError(
+            f"--remote must be HOST, HOST:PORT or a client endpoint string (tcp:HOST:PORT, tls:HOST:PORT:...), not {text!r}"
+        )
     port = parse_int("remote port", port_text, 1, 65535)
-    return _resolve("remote", host), port
+    return f"tcp:host={_resolve('remote', host)}:port={port}:timeout={connect_timeout:g}"
 
 
 def _resolve(option: str, host: str) -> str:
@@ -64,7 +81,7 @@ def with_backlog(description: str) -> str:
 
 
 class Options(usage.Options):
-    synopsis = "--remote HOST[:PORT] --pipes N [--socks ENDPOINT] [--transparent ENDPOINT] [--forward SPEC]..."
+    synopsis = "--remote HOST[:PORT]|ENDPOINT --pipes N [--socks ENDPOINT] [--transparent ENDPOINT] [--forward SPEC]..."
     longdesc = (
         "TM3 local proxy (LP). Opens N pipes to the TM3 remote proxy and carries the "
         "application connections it intercepts over them. Give at least one way in: "
@@ -73,7 +90,12 @@ class Options(usage.Options):
         f"get backlog={DEFAULT_BACKLOG} unless the endpoint string sets one."
     )
     optParameters = [
-        ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}); names are resolved once at start."],
+        ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}; names are resolved once at "
+         "start), or a Twisted client endpoint string: tcp:HOST:PORT, or tls:HOST:PORT:trustRoots=CA_DIR "
+         "[:certificate=CERT.pem:privateKey=KEY.pem] for TLS pipes (mutual with a client certificate)."],
+        ["key-file", None, None, "File holding the key shared with the RP (at least 16 bytes): speak protocol v2 "
+         "(authenticated pipes, a window per connection). The RP needs the same --key-file."],
+        ["handshake-timeout", None, "10", "v2: seconds the RP has to answer a pipe's hello (0 < s <= 600)."],
         ["pipes", "n", None, "Pipes to open to the RP (required, 1..1024; the RP must expect the same number)."],
         ["socks", "s", None, "Listen for SOCKS5 clients (CONNECT, no auth) on this server endpoint, like tcp:1080:interface=127.0.0.1."],
         ["transparent", "t", None, "Listen for iptables-redirected connections on this server endpoint, like tcp:6001."],
@@ -95,9 +117,12 @@ class Options(usage.Options):
             raise usage.UsageError("--remote is required: the RP's HOST or HOST:PORT")
         if self["pipes"] is None:
             raise usage.UsageError("--pipes is required: how many pipes to open to the RP (1..1024)")
-        self["remote"] = parse_remote(self["remote"])
         self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
         parse_tuning(self)
+        self["remote-display"] = self["remote"]
+        self["remote"] = parse_remote(self["remote"], self["connect-timeout"])
+        self["handshake-timeout"] = parse_seconds("handshake-timeout", self["handshake-timeout"], 0, 600)
+        self["key"] = read_key_file("key-file", self["key-file"]) if self["key-file"] is not None else None
         self["forward"] = [parse_forward(spec) for spec in self["forward"]]
         if not (self["socks"] or self["transparent"] or self["forward"]):
             raise usage.UsageError("give at least one of --socks, --transparent or --forward: the LP has no way in")
@@ -114,8 +139,15 @@ class Options(usage.Options):
 def makeService(config: Options, reactor: IProxyReactor | None = None) -> LocalProxy:
     if reactor is None:
         reactor = default_reactor()
-    host, port = config["remote"]
-    proxy = LocalProxy(reactor, host, port, config["pipes"], config.settings(), config["connect-timeout"])
+    proxy = LocalProxy(
+        reactor,
+        endpoints.clientFromString(reactor, config["remote"]),
+        config["pipes"],
+        config.settings(),
+        remote=config["remote-display"],
+        key=config["key"],
+        handshake_timeout=config["handshake-timeout"],
+    )
     if config["socks"]:
         proxy.add_listener(
             endpoints.serverFromString(reactor, with_backlog(config["socks"])), socks_factory(proxy), "SOCKS5"

@@ -63,11 +63,26 @@ class PipeOwner(TypingProtocol):
     def pipe_lost(self, pipe: PipeProtocol, reason: Failure) -> None: ...
 
 
+class Greeter(TypingProtocol):
+    """What a pipe reports to while it greets its peer (the v2 handshake, or
+    the RP's wait to learn which version a pipe speaks), before it joins a
+    :class:`PipeGathering` with :meth:`PipeProtocol.join`."""
+
+    def pipe_made(self, pipe: PipeProtocol) -> None: ...
+
+    def pipe_data(self, pipe: PipeProtocol, data: bytes) -> None: ...
+
+    def pipe_gone(self, pipe: PipeProtocol, reason: Failure) -> None: ...
+
+
 class PipeProtocol(Protocol):
     log = Logger()
 
-    def __init__(self, group: PipeGathering | None = None) -> None:
+    def __init__(self, group: PipeGathering | None = None, greeter: Greeter | None = None) -> None:
+        self.greeter = greeter  # greeting the peer, before it joins a group
         self.group = group  # collecting this pipe, until a session owns it
+        self.peer_window = 0  # v2: the initial window the peer gives each connection
+        self.index = 0  # v2: its place in the set, from the handshake
         self.peer_host = ""
         self.owner: PipeOwner | None = None
         self.name = "pipe"
@@ -94,13 +109,26 @@ class PipeProtocol(Protocol):
             # Nagle would add up to 40 ms to every small exchange (Twisted #12311).
             transport.setTcpNoDelay(True)
         register_producer(transport, self.gate)
-        if self.group is not None:
+        if self.greeter is not None:
+            self.greeter.pipe_made(self)
+        elif self.group is not None:
             self.group.pipe_made(self)
+
+    def join(self, group: PipeGathering, rest: bytes = b"") -> None:
+        """The greeting is over: join ``group``; ``rest`` came after it."""
+        self.greeter = None
+        self.group = group
+        group.pipe_made(self)
+        if rest and self.connected_:
+            self.dataReceived(rest)
 
     def dataReceived(self, data: bytes) -> None:
         owner = self.owner
         if owner is not None:
             owner.pipe_data(self, data)
+            return
+        if self.greeter is not None:
+            self.greeter.pipe_data(self, data)
             return
         self.early.append(data)
         self.early_bytes += len(data)
@@ -126,6 +154,9 @@ class PipeProtocol(Protocol):
         owner = self.owner
         if owner is not None:
             owner.pipe_lost(self, reason)
+        elif self.greeter is not None:
+            greeter, self.greeter = self.greeter, None
+            greeter.pipe_gone(self, reason)
         else:
             self._leave_group(reason)
 
@@ -203,6 +234,7 @@ class PipeProtocol(Protocol):
         self.outbox = []
         self.owner = None
         self.group = None
+        self.greeter = None
         transport = self.transport
         if transport is not None and self.connected_:
             abort_transport(transport)
@@ -374,13 +406,16 @@ class PipeGathering(Factory):
         self.pipes: list[PipeProtocol] = []
         self.closed = False
         self._timer: IDelayedCall | None = None
+        # Greets each new pipe first (the LP's v2 handshake); the pipe joins
+        # this gathering when the greeting is over.
+        self.greeter: Greeter | None = None
 
     def __len__(self) -> int:
         return len(self.pipes)
 
     def buildProtocol(self, addr: object) -> PipeProtocol:
-        """A new pipe that reports to this gathering."""
-        pipe = PipeProtocol(self)
+        """A new pipe that reports to this gathering (to its greeter first, if any)."""
+        pipe = PipeProtocol(self, None) if self.greeter is None else PipeProtocol(None, self.greeter)
         pipe.factory = self
         return pipe
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from tm3.mux.pipes import PipeProtocol
 from tm3.mux.role import IRole
 from tm3.mux.session import Session
-from tm3.mux.settings import Settings, Stats
+from tm3.mux.settings import V1, Settings, Stats, Terms
 from tm3.reactor import IProxyReactor
 
 
@@ -43,7 +43,7 @@ class Sessions:
         """The newest session (the LP's only one)."""
         return next(reversed(self.by_key.values()), None)
 
-    def start(self, pipes: Sequence[PipeProtocol], key: str = "") -> Session:
+    def start(self, pipes: Sequence[PipeProtocol], key: str = "", terms: Terms = V1) -> Session:
         """A session over ``pipes``, replacing the one with the same key."""
         old = self.by_key.get(key)
         if old is not None:
@@ -59,6 +59,7 @@ class Sessions:
                 self.role,
                 on_end=self._ended,
                 name=f"session {self._count}",
+                terms=terms,
             )
         finally:
             self._starting = False

@@ -18,12 +18,15 @@ from twisted.application.service import Service
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from tm3.core.credit import DEFAULT_INITIAL_WINDOW
 from tm3.core.destinations import DestinationPolicy
+from tm3.core.handshake import Hello
 from tm3.mux.pipes import PipeGathering, PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
-from tm3.mux.settings import Settings
+from tm3.mux.settings import V1, Settings, Terms
 from tm3.reactor import IProxyReactor
+from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT, Admission
 from tm3.rp.role import RemoteRole
 
 PENDING_TIMEOUT = 30.0
@@ -48,16 +51,21 @@ class Multiplexer(Service):
     def session(self) -> Session | None:
         return self.sessions.current
 
-    def start_session(self, pipes: list[PipeProtocol], source: str = "") -> Session:
-        """A session over a complete set from ``source``, replacing the one
-        from the same address if there is one."""
-        return self.sessions.start(pipes, source)
+    def start_session(self, pipes: list[PipeProtocol], key: str = "", terms: Terms = V1) -> Session:
+        """A session over a complete set: v1 from the address ``key``,
+        replacing the one from the same address if there is one; v2 with the
+        session id in ``key``."""
+        return self.sessions.start(pipes, key, terms)
+
+    def is_live(self, key: str) -> bool:
+        return key in self.sessions.by_key
 
     def _up(self, session: Session) -> None:
         pipes = session.pipes.pipes
         self.log.info(
-            "{session} up: {n} pipes from {peers}",
+            "{session} up (v{version}): {n} pipes from {peers}",
             session=session.name,
+            version=session.terms.version,
             n=len(pipes),
             peers=", ".join(p.name for p in pipes),
         )
@@ -79,15 +87,18 @@ def is_local_address(host: str) -> bool:
 
 
 class PipeFactory(Factory):
-    """Accepts pipes into pending sets of ``n``, one per source address, so a
-    set never mixes sockets from two addresses; each complete set goes to
-    ``on_complete`` with its address, and owns the pipes from then on.
+    """Accepts pipes, greets them (:class:`~tm3.rp.admission.Admission`: which
+    version, and the v2 handshake), and gathers them into pending sets: v1
+    pipes by source address, so a set never mixes sockets from two addresses;
+    v2 pipes by the session id their handshake proved, each set as large as
+    its LP said. Each complete set goes to ``on_complete`` with its key and
+    terms, and owns the pipes from then on.
 
     Bounds: ``allow_from`` (when given) is the only networks pipes are taken
-    from; at most ``max_pending`` pipes wait in all sets together; a set still
-    incomplete ``pending_timeout`` seconds after its first pipe is closed;
-    each pending pipe keeps at most a small multiple of 64 KiB of early bytes
-    (tm3/mux/pipes.py). What is refused is closed at accept and logged.
+    from; at most ``max_pending`` pipes greet or wait in all sets together; a
+    set still incomplete ``pending_timeout`` seconds after its first pipe is
+    closed; each pending pipe keeps at most a small multiple of 64 KiB of
+    early bytes (tm3/mux/pipes.py). What is refused is closed and logged.
     """
 
     log = Logger()
@@ -97,10 +108,16 @@ class PipeFactory(Factory):
         self,
         pipes: int,
         reactor: IProxyReactor,
-        on_complete: Callable[[list[PipeProtocol], str], object],
+        on_complete: Callable[[list[PipeProtocol], str, Terms], object],
         pending_timeout: float = PENDING_TIMEOUT,
         allow_from: Sequence[ipaddress.IPv4Network] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
+        key: bytes | None = None,
+        allow_v1: bool = True,
+        window: int = DEFAULT_INITIAL_WINDOW,
+        is_live: Callable[[str], bool] = lambda key: False,
+        hello_wait: float = HELLO_WAIT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.n = pipes
         self.reactor = reactor
@@ -108,7 +125,9 @@ class PipeFactory(Factory):
         self.pending_timeout = pending_timeout
         self.allow_from = tuple(allow_from)
         self.max_pending = max_pending
-        self.groups: dict[str, PipeGathering] = {}
+        self.is_live = is_live
+        self.admission = Admission(reactor, self._v1, self._v2, key, window, allow_v1, hello_wait, handshake_timeout)
+        self.groups: dict[str, PipeGathering] = {}  # v1: by source address; v2: by session key
 
     @property
     def pending(self) -> list[PipeProtocol]:
@@ -121,23 +140,53 @@ class PipeFactory(Factory):
             return None
         for key in [k for k, g in self.groups.items() if not g.pipes]:
             del self.groups[key]
-        if sum(len(g) for g in self.groups.values()) >= self.max_pending:
+        if len(self.admission) + sum(len(g) for g in self.groups.values()) >= self.max_pending:
             self.log.warn(
                 "pipe from {host} refused: {n} pipes already wait for their sets (--max-pending-pipes)",
                 host=host,
                 n=self.max_pending,
             )
             return None
-        group = self.groups.get(host)
-        if group is None:
-            group = self.groups[host] = PipeGathering(
-                self.n, self.reactor, lambda pipes: self.on_complete(pipes, host), timeout=self.pending_timeout
-            )
-        pipe = group.buildProtocol(addr)
+        pipe = PipeProtocol(greeter=self.admission)
         pipe.factory = self
         return pipe
 
+    def _v1(self, pipe: PipeProtocol, first: bytes) -> None:
+        host = pipe.peer_host
+        group = self.groups.get(host)
+        if group is None:
+            group = self.groups[host] = PipeGathering(
+                self.n, self.reactor, lambda pipes: self.on_complete(pipes, host, V1), timeout=self.pending_timeout
+            )
+        pipe.join(group, first)
+
+    def _v2(self, pipe: PipeProtocol, hello: Hello, rest: bytes) -> None:
+        key = "v2 " + hello.session_id.hex()
+        group = self.groups.get(key)
+        why = ""
+        if self.is_live(key):
+            why = "its session is complete already"
+        elif group is not None and group.n != hello.n:
+            why = f"it says its set has {hello.n} pipes, and the set's first pipe said {group.n}"
+        elif group is not None and any(p.index == hello.index for p in group.pipes):
+            why = f"the set has a pipe #{hello.index} already"
+        if why:
+            self.log.warn("{pipe} refused: {why} (session {sid})", pipe=pipe.name, why=why, sid=hello.session_id.hex())
+            pipe.abort()
+            return
+        if group is None:
+            terms = Terms(version=2, peer_window=hello.window)
+            group = self.groups[key] = PipeGathering(
+                hello.n,
+                self.reactor,
+                lambda pipes: self.on_complete(sorted(pipes, key=lambda p: p.index), key, terms),
+                timeout=self.pending_timeout,
+            )
+        pipe.index = hello.index
+        pipe.join(group, rest)
+
     def stop(self) -> None:
+        self.admission.close()
         for group in self.groups.values():
             group.close()
         self.groups.clear()

@@ -22,10 +22,13 @@ from tm3.options import (
     argv_from_env,
     check_server_endpoint,
     parse_int,
+    parse_seconds,
     parse_tuning,
+    read_key_file,
     settings_from,
 )
 from tm3.reactor import IProxyReactor, default_reactor
+from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT
 from tm3.rp.service import DEFAULT_MAX_PENDING, Multiplexer, PipeFactory, is_local_address
 
 ENVIRONMENT = {
@@ -42,15 +45,26 @@ ENVIRONMENT = {
     "TM3_ALLOW_FROM": "allow-from",  # networks separated by spaces
     "TM3_ALLOW_TO": "allow-to",  # rules separated by spaces; the allow rules come first
     "TM3_DENY_TO": "deny-to",
+    "TM3_KEY_FILE": "key-file",
+    "TM3_HELLO_WAIT": "hello-wait",
+    "TM3_HANDSHAKE_TIMEOUT": "handshake-timeout",
+    "TM3_INITIAL_WINDOW": "initial-window",
+    "TM3_MAX_WINDOW": "max-window",
+    "TM3_SESSION_WINDOW": "session-window",
 }
+# Flags: set when the variable is 1, yes or true.
+FLAGS = {"TM3_ALLOW_V1": "allow-v1"}
 
 
 class Options(usage.Options):
     synopsis = "--pipes N [options]"
     longdesc = (
-        "TM3 remote proxy (RP). Accepts exactly N pipe connections from a TM3 local "
-        "proxy, opens the TCP connections the LP asks for, and relays their bytes "
-        "over the pipes (protocol: docs/protocol.md, version 1)."
+        "TM3 remote proxy (RP). Accepts sets of pipe connections from TM3 local "
+        "proxies, opens the TCP connections each LP asks for, and relays their bytes "
+        "over the pipes (protocol: docs/protocol.md). Version 1 (the reference LP): "
+        "exactly N pipes per set, one set per source address, no authentication. "
+        "Version 2 (our LP with --key-file): each pipe proves the shared key, "
+        "sets are bound by session id, and every connection has its own window."
     )
     optParameters = [
         ["pipes", "n", None, "Pipes in a session: the RP waits for exactly this many from the LP (required, 1..1024)."],
@@ -58,8 +72,18 @@ class Options(usage.Options):
          "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path)."],
         ["max-pending-pipes", None, None, "Pipes that may wait for their sets to complete, from all addresses "
          f"together (--pipes..65536; default {DEFAULT_MAX_PENDING}, or --pipes if larger); more are closed at accept."],
+        ["key-file", None, None, "File holding the shared key (at least 16 bytes; for example "
+         "`head -c 32 /dev/urandom | base64 > tm3.key`): take v2 pipes that prove it, and no v1 pipes "
+         "unless --allow-v1. Without it, only v1 is served."],
+        ["hello-wait", None, str(HELLO_WAIT), "Seconds a new pipe that sends nothing is given before it counts as "
+         "v1 (a v1 LP's first message classifies it at once) (0 < s <= 60)."],
+        ["handshake-timeout", None, str(HANDSHAKE_TIMEOUT), "Seconds a v2 pipe has to finish its handshake "
+         "(0 < s <= 600)."],
         *TUNING_PARAMETERS,
     ]  # fmt: skip
+    optFlags = [
+        ["allow-v1", None, "With --key-file: serve v1 pipes (the reference LP, unauthenticated) as well."],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,6 +132,11 @@ class Options(usage.Options):
             self["max-pending-pipes"] = parse_int("max-pending-pipes", self["max-pending-pipes"], self["pipes"], 65536)
         parse_tuning(self)
         check_server_endpoint("listen", self["listen"])
+        self["hello-wait"] = parse_seconds("hello-wait", self["hello-wait"], 0, 60)
+        self["handshake-timeout"] = parse_seconds("handshake-timeout", self["handshake-timeout"], 0, 600)
+        self["key"] = read_key_file("key-file", self["key-file"]) if self["key-file"] is not None else None
+        if self["allow-v1"] and self["key"] is None:
+            raise usage.UsageError("--allow-v1 goes with --key-file (without a key, v1 is all this RP serves)")
 
     def settings(self) -> Settings:
         return settings_from(self)
@@ -128,6 +157,12 @@ class RemoteProxyService(MultiService):
             self.multiplexer.start_session,
             allow_from=config["allow-from"],
             max_pending=config["max-pending-pipes"],
+            key=config["key"],
+            allow_v1=config["allow-v1"],
+            window=config["initial-window"],
+            is_live=self.multiplexer.is_live,
+            hello_wait=config["hello-wait"],
+            handshake_timeout=config["handshake-timeout"],
         )
         endpoint = endpoints.serverFromString(reactor, config["listen"])
         self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
@@ -161,6 +196,12 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> Options:
     Raises ``usage.UsageError`` naming the variable when one is malformed."""
     environ = os.environ if environ is None else environ
     argv = argv_from_env(environ, ENVIRONMENT)
+    for var, flag in FLAGS.items():
+        value = environ.get(var, "").strip().lower()
+        if value in ("1", "yes", "true"):
+            argv.append("--" + flag)
+        elif value not in ("", "0", "no", "false"):
+            raise usage.UsageError(f"{var}={environ[var]!r}: use 1, yes or true to set --{flag}, 0, no or false not to")
     config = Options()
     try:
         config.parseOptions(argv)
