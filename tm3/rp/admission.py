@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tm3.core.handshake import Hello, HandshakeError, ServerHandshake, looks_like_hello
+from tm3.core.handshake import HandshakeError, Hello, ServerHandshake, looks_like_hello
 from tm3.mux.pipes import PipeProtocol
 from tm3.reactor import IProxyReactor
 
