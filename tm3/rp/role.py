@@ -31,7 +31,7 @@ from zope.interface import implementer
 from tm3.core.destinations import DestinationPolicy
 from tm3.core.lifecycle import Event, State
 from tm3.core.reorder import ReorderError
-from tm3.core.wire import Message, ProtocolError, Syn, encode
+from tm3.core.wire import REASON_RST, Fin, Message, ProtocolError, Syn, encode
 from tm3.mux.connection import Connection
 from tm3.mux.role import IRole
 from tm3.mux.session import Session
@@ -102,8 +102,12 @@ class RemoteRole:
             return
         target: Connection | None = conn
         if conn.life.peer_done:
-            # The old connection has had its last message: this is the next one's.
-            target = self.parked.get(cid)
+            # The old connection has had its last message: this is the next
+            # one's, but for a v2 reset right after a half-close.
+            if conn.life.may_reset_after_fin and type(msg) is Fin and msg.seq == conn.rx.next_seq:
+                target = conn if msg.reason == REASON_RST else self.parked.get(cid)
+            else:
+                target = self.parked.get(cid)
         elif cid in self.parked and conn.rx.is_behind(msg.seq):
             target = self.parked[cid]
         if target is None:
