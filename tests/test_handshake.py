@@ -4,6 +4,8 @@ or reflected."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,7 +22,7 @@ from tm3.core.handshake import (
     load_key,
     looks_like_hello,
 )
-from tm3.core.wire import Decoder, ProtocolError
+from tm3.core.wire import Decoder, ProtocolError, encode_credit
 
 KEY = b"k" * 32
 SID = bytes(range(16))
@@ -139,3 +141,25 @@ def test_key_files() -> None:
     assert load_key(b"  0123456789abcdef0123\n") == b"0123456789abcdef0123"
     with pytest.raises(ValueError, match="has 5 bytes; use at least 16"):
         load_key(b"short\n", "'k.txt'")
+
+
+def test_the_protocol_documents_example_is_what_the_code_sends() -> None:
+    """docs/protocol.md, "The handshake": the example bytes, regenerated."""
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    block = doc.split("```text\nHELLO", 1)[1].split("```", 1)[0]
+    shown: dict[str, bytes] = {}
+    name = "HELLO"
+    for line in ("HELLO" + block).splitlines():
+        words = line.split()
+        if words and not all(len(w) == 2 for w in words):
+            name = words.pop(0)
+        shown[name] = shown.get(name, b"") + bytes.fromhex("".join(words))
+    key = b"0123456789abcdef0123456789abcdef"
+    client = ClientHandshake(key, bytes(range(0x10, 0x20)), 4, 2, 256 * 1024, nonce=bytes(range(0xA0, 0xB0)))
+    server = ServerHandshake(key, 256 * 1024, nonce=bytes(range(0xC0, 0xD0)))
+    challenge = server.feed(client.hello_bytes())
+    proof = client.feed(challenge)
+    server.feed(proof)
+    assert server.done
+    assert shown == {"HELLO": client.hello_bytes(), "CHALLENGE": challenge, "PROOF": proof}
+    assert "`03 00  00 00 02 00  01 00`" in doc and encode_credit(3, 128 * 1024).hex(" ") == "03 00 00 00 02 00 01 00"
