@@ -41,6 +41,7 @@ from pathlib import Path
 from tests.support.pattern import Pattern
 from tests.support.processes import LISTENING, TWISTD, python_env
 from tests.support.threadserver import ThreadServer
+from tm3.core.handshake import MAGIC, Hello
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -282,12 +283,79 @@ def sized_source(size: int) -> Callable[[socket.socket], None]:
     return respond
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def attacks(key: str, pipes: int, rounds: int, bulk_port: int, size: int) -> str:
+    """Intruders on the pipe port of a v2 RP while a download runs: idle
+    sockets, v1 pipe sets, forged hellos, the magic alone, garbage."""
+    extra = ["--key-file", key, "--hello-wait", "0.2", "--handshake-timeout", "1"]
+    rp = Daemon(
+        [TWISTD, "-n", "--pidfile=", "tm3rp", "--pipes", str(pipes), "--listen", f"tcp:0:interface={HOST}"]
+        + ["--allow-to", "127.0.0.0/8", "--max-pending-pipes", "4096", *extra]
+    )
+    lp = None
+    try:
+        rp_port = int(rp.wait_for(LISTENING.decode()).group(1))
+        lp = Daemon(
+            [TWISTD, "-n", "--pidfile=", "tm3lp", "--remote", f"{HOST}:{rp_port}", "--pipes", str(pipes)]
+            + ["--socks", f"tcp:0:interface={HOST}", "--key-file", key]
+        )
+        socks = int(lp.wait_for(LISTENING.decode()).group(1))
+        lp.wait_for(r"session 1 up")
+        rss_before = rss_kib(rp.proc.pid)
+        result: list[float] = []
+        download = threading.Thread(
+            target=lambda: result.append(bulk(lambda: socks_connect(socks, bulk_port), size)), daemon=True
+        )
+        download.start()
+        sent = 0
+        for _ in range(rounds):
+            socks_list = []
+            for kind in ("idle", "v1", "forged", "magic", "garbage"):
+                for _ in range(pipes if kind == "v1" else 1):
+                    s = socket.create_connection((HOST, rp_port), timeout=5)
+                    if kind == "forged":
+                        hello = Hello(os.urandom(16), os.urandom(16), pipes, 0, 65536).encode()
+                        s.sendall(hello + os.urandom(32))
+                    elif kind == "magic":
+                        s.sendall(MAGIC)
+                    elif kind == "garbage":
+                        s.sendall(os.urandom(4096))
+                    socks_list.append(s)
+                    sent += 1
+            time.sleep(0.05)
+            for s in socks_list:
+                s.close()
+        download.join(120)
+        time.sleep(1.5)
+        sessions = sum(1 for line in rp.lines if re.search(r"session \d+ up", line))
+        ended = sum(1 for line in rp.lines if re.search(r"session \d+ lost", line))
+        refused = sum(1 for line in rp.lines if "refused" in line)
+        rss_after = rss_kib(rp.proc.pid)
+        done = f"{result[0]:.0f} MB/s" if result else "did NOT complete"
+        return (
+            f"{sent} intruder sockets: {refused} refused with a log line (the idle ones left before"
+            f" --hello-wait); sessions started {sessions}, ended {ended}: {sessions - 1 + ended} takeovers;"
+            f" the download {done}; RP RSS {rss_before // 1024} -> {rss_after // 1024} MiB"
+        )
+    finally:
+        if lp is not None:
+            lp.stop()
+        rp.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="how long each latency scenario runs")
     parser.add_argument("--pipes", type=int, default=4)
     parser.add_argument("--bulk-mib", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--attack-rounds", type=int, default=200, help="rounds of intruders (9 sockets each)")
     args = parser.parse_args()
 
     servers = {name: ThreadServer(listener(), fn, conn_timeout=None) for name, fn in
@@ -320,6 +388,7 @@ def main() -> int:
         for k, v in results.items():
             print(f"    {k:6}: {med[k]:7.1f} MB/s  ({', '.join(f'{x:.0f}' for x in v)})")
         print(f"    v2 / v1 = {med['v2'] / med['v1']:.2f} (target >= 0.9)")
+        print(f"  v2 under attack: {attacks(key, args.pipes, args.attack_rounds, bulk_server.port, bulk_size)}")
     for server in [*servers.values(), bulk_server]:
         server.stop.set()
     return 0
