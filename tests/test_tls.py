@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import ISSLTransport, IStreamServerEndpointStringParser
@@ -287,6 +288,13 @@ def test_bad_files_are_usage_errors_naming_the_file(pki: PKI, tmp_path: Path) ->
     g = pki.good
     junk = tmp_path / "junk.pem"
     junk.write_bytes(b"not PEM at all\n")
+    encrypted = tmp_path / "encrypted.key"
+    plain = serialization.load_pem_private_key(g.server.key.read_bytes(), password=None)
+    encrypted.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+        )
+    )
     cert, key = g.server.cert, g.server.key
     cases = [
         (f"tls:0:privateKey={key}:certificate={tmp_path}/missing.pem", f"cannot read the certificate file '{tmp_path}/missing.pem': No such file"),
@@ -296,6 +304,7 @@ def test_bad_files_are_usage_errors_naming_the_file(pki: PKI, tmp_path: Path) ->
         (f"tls:0:privateKey={junk}:certificate={cert}", f"the privateKey file '{junk}' holds no PEM private key"),
         (f"tls:0:privateKey={key}:certificate={cert}:caCerts={junk}", f"the caCerts file '{junk}' holds no PEM certificate"),
         (f"tls:0:privateKey={g.client.key}:certificate={cert}", f"the private key in '{g.client.key}' is not the key of '{cert}'"),
+        (f"tls:0:privateKey={encrypted}:certificate={cert}", f"the private key in '{encrypted}' is encrypted"),
     ]  # fmt: skip
     for spec, expected in cases:
         message = usage_error("--listen", spec)
