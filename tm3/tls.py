@@ -8,8 +8,8 @@ it no client certificate is asked for. The LP's side is Twisted's own client
 ``tls:HOST:PORT:trustRoots=CA_DIR[:certificate=...:privateKey=...]``.
 
 Twisted's ``ssl:`` server endpoint cannot ask for client certificates. And
-Twisted (24.10 on) has a server ``tls:`` plugin of its own, for a directory
-of PEM files chosen by SNI: when two plugins share a prefix,
+recent Twisted (26.10 here) has a server ``tls:`` plugin of its own, for a
+directory of PEM files chosen by SNI: when two plugins share a prefix,
 ``serverFromString`` takes whichever its plugin scan finds first, which
 depends on how the packages were installed. So the RP does not leave it to
 the scan: :func:`server_from_string` sends ``tls:`` here always. The plugin
@@ -90,9 +90,9 @@ def tls_server(
     if extra or unknown:
         what = ", ".join([repr(a) for a in extra] + [f"{k}=" for k in sorted(unknown)])
         raise ValueError(f"tls: unknown parameters {what}; use {SYNTAX}")
-    if port is None or not port.isdigit() or int(port) > 65535:
+    if port is None or not _is_number(port) or int(port) > 65535:
         raise ValueError(f"tls: needs a port number 0..65535 first, not {port!r}; use {SYNTAX}")
-    if not backlog.isdigit():
+    if not _is_number(backlog):
         raise ValueError(f"tls: backlog must be a whole number, not {backlog!r}")
     if certificate is None:
         raise ValueError(f"tls: certificate= is required (the RP's certificate, PEM); use {SYNTAX}")
@@ -114,10 +114,14 @@ def tls_server(
     return endpoints.SSL4ServerEndpoint(reactor, int(port), options, int(backlog), interface)
 
 
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(1024 * 1024)
+            return f.read()
     except OSError as e:
         raise BadTLSFile(f"tls: cannot read the {what} file {path!r}: {e.strerror}") from None
 
@@ -167,7 +171,7 @@ class TLSServerParser:
     prefix = PREFIX
 
     def parseStreamServer(self, reactor: IReactorCore, *args: object, **kwargs: object) -> IStreamServerEndpoint:
-        if args and not str(args[0]).isdigit():
+        if args and not _is_number(str(args[0])):
             for other in getPlugins(IStreamServerEndpointStringParser):
                 if other.prefix.lower() == PREFIX and not isinstance(other, TLSServerParser):
                     endpoint: IStreamServerEndpoint = other.parseStreamServer(reactor, *args, **kwargs)
