@@ -49,6 +49,16 @@ def test_pip_install_into_fresh_venv_lists_plugins(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "--pipes" in rp_help.stdout and "--max-payload" in rp_help.stdout, rp_help.stdout + rp_help.stderr
+    # TLS pipes: pyOpenSSL came with the install, and the RP's tls: is ours
+    # (Twisted's own server tls: plugin sits in the same directory).
+    tls = subprocess.run(
+        [str(bin_dir / "twistd"), "-n", "tm3rp", "--pipes", "1", "--listen", "tls:0:privateKey=k.pem:certificate=none.pem"],
+        capture_output=True, text=True, env=clean_env, cwd=elsewhere, timeout=60,
+    )  # fmt: skip
+    assert tls.returncode != 0 and "Traceback" not in tls.stdout + tls.stderr, tls.stdout + tls.stderr
+    assert "--listen: tls: cannot read the certificate file 'none.pem'" in tls.stdout + tls.stderr, (
+        tls.stdout + tls.stderr
+    )
     for script in ("tm3-testserver", "tm3-testclient", "tm3-redirect", "tm3-demo"):
         assert (bin_dir / script).exists(), script
         helped = subprocess.run(

@@ -5,7 +5,7 @@ the environment variables a ``.tac`` file reads."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import endpoints
@@ -15,6 +15,7 @@ from tm3.core.handshake import load_key
 from tm3.core.wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
 from tm3.mux.settings import Settings
 from tm3.reactor import default_reactor
+from tm3.tls import BadTLSFile
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
 
@@ -132,11 +133,16 @@ def read_key_file(option: str, path: str) -> bytes:
         raise usage.UsageError(f"--{option}: {e}") from None
 
 
-def check_server_endpoint(option: str, description: str) -> None:
-    """A usage error unless ``description`` is a Twisted server endpoint string."""
+def check_server_endpoint(
+    option: str, description: str, build: Callable[[Any, str], object] = endpoints.serverFromString
+) -> None:
+    """A usage error unless ``description`` is a server endpoint string that
+    ``build`` takes; one naming the file when a ``tls:`` file is bad."""
     reactor = default_reactor()
     try:
-        endpoints.serverFromString(reactor, description)
+        build(reactor, description)
+    except BadTLSFile as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise usage.UsageError(f"--{option}: not a server endpoint string: {description!r} ({e})") from None
 

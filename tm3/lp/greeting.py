@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from tm3.core.handshake import ClientHandshake, HandshakeError
 from tm3.mux.pipes import PipeGathering, PipeProtocol
 from tm3.reactor import IProxyReactor
+from tm3.tls import tls_failure
 
 
 class HandshakeFailed(Exception):
@@ -76,6 +77,10 @@ class ClientGreeting:
         if entry is None:
             return
         entry[1].cancel()
+        tls = tls_failure(reason)
+        if tls is not None:  # not a key mismatch: the hint below would mislead
+            self.on_failed(Failure(HandshakeFailed(f"TLS with the RP failed: {tls}")))
+            return
         self.on_failed(
             Failure(
                 ConnectionLost(

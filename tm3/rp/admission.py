@@ -14,6 +14,9 @@ message classifies the set at once), and v2 once the LP has proved the key. What
 - a v1 pipe when this RP has a key, unless ``allow_v1``;
 - a handshake that fails (a wrong key, a malformed message) or does not
   finish within ``handshake_timeout`` seconds.
+
+A TLS pipe whose TLS handshake fails (``--listen tls:``) is lost while it is
+greeted, and logged too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from twisted.python.failure import Failure
 from tm3.core.handshake import HandshakeError, Hello, ServerHandshake, looks_like_hello
 from tm3.mux.pipes import PipeProtocol
 from tm3.reactor import IProxyReactor
+from tm3.tls import tls_failure
 
 HELLO_WAIT = 1.0
 HANDSHAKE_TIMEOUT = 10.0
@@ -67,6 +71,7 @@ class Admission:
         self.greeting: dict[PipeProtocol, _Greeting] = {}
         self.refused = 0
         self.handshakes_failed = 0
+        self.tls_failed = 0
 
     def __len__(self) -> int:
         return len(self.greeting)
@@ -115,8 +120,14 @@ class Admission:
 
     def pipe_gone(self, pipe: PipeProtocol, reason: Failure) -> None:
         g = self.greeting.pop(pipe, None)
-        if g is not None and g.timer.active():
+        if g is None:
+            return
+        if g.timer.active():
             g.timer.cancel()
+        tls = tls_failure(reason)
+        if tls is not None:  # a refused client certificate, or the LP refused ours
+            self.tls_failed += 1
+            self.log.warn("{pipe} lost in its TLS handshake: {why}", pipe=pipe.name, why=tls)
 
     def _quiet(self, pipe: PipeProtocol) -> None:
         g = self.greeting.get(pipe)

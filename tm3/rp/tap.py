@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
 from twisted.python import usage
 
 from tm3.core.destinations import BadRule, DestinationPolicy, parse_rule
@@ -30,6 +29,7 @@ from tm3.options import (
 from tm3.reactor import IProxyReactor, default_reactor
 from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT
 from tm3.rp.service import DEFAULT_MAX_PENDING, Multiplexer, PipeFactory, is_local_address
+from tm3.tls import server_from_string
 
 ENVIRONMENT = {
     "TM3_PIPES": "pipes",
@@ -69,7 +69,8 @@ class Options(usage.Options):
     optParameters = [
         ["pipes", "n", None, "Pipes in a session: the RP waits for exactly this many from the LP (required, 1..1024)."],
         ["listen", "l", "tcp:6000", "Where to accept pipes: a Twisted server endpoint string "
-         "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path)."],
+         "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path), or for TLS pipes tls:6000:privateKey=KEY.pem:"
+         "certificate=CERT.pem[:caCerts=CA.pem] (with caCerts, every LP must present a certificate those CAs signed)."],
         ["max-pending-pipes", None, None, "Pipes that may wait for their sets to complete, from all addresses "
          f"together (--pipes..65536; default {DEFAULT_MAX_PENDING}, or --pipes if larger); more are closed at accept."],
         ["key-file", None, None, "File holding the shared key (at least 16 bytes; for example "
@@ -131,7 +132,7 @@ class Options(usage.Options):
         else:
             self["max-pending-pipes"] = parse_int("max-pending-pipes", self["max-pending-pipes"], self["pipes"], 65536)
         parse_tuning(self)
-        check_server_endpoint("listen", self["listen"])
+        check_server_endpoint("listen", self["listen"], server_from_string)
         self["hello-wait"] = parse_seconds("hello-wait", self["hello-wait"], 0, 60)
         self["handshake-timeout"] = parse_seconds("handshake-timeout", self["handshake-timeout"], 0, 600)
         self["key"] = read_key_file("key-file", self["key-file"]) if self["key-file"] is not None else None
@@ -164,7 +165,7 @@ class RemoteProxyService(MultiService):
             hello_wait=config["hello-wait"],
             handshake_timeout=config["handshake-timeout"],
         )
-        endpoint = endpoints.serverFromString(reactor, config["listen"])
+        endpoint = server_from_string(reactor, config["listen"])
         self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
         self.listener.setServiceParent(self)
 
