@@ -8,8 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides
 
 from tm3.core import wire
 from tm3.core.handshake import MAGIC, ClientHandshake, HandshakeError, new_session_id
@@ -127,8 +129,11 @@ def test_an_rp_without_a_key_refuses_v2_and_one_with_a_key_refuses_v1() -> None:
     strict = Harness(allow_v1=False)
     (p, t1), (_, t2) = strict.accept(), strict.accept()
     p.dataReceived(wire.encode_syn(1, "192.0.2.1", 80))
+    assert closed(t1) and not closed(t2)  # v1 bytes: refused at once
     strict.reactor.advance(WAIT)
-    assert closed(t1) and closed(t2) and not strict.sets
+    assert not closed(t2)  # silence is not v1 where v1 is not served: it may be a late hello
+    strict.reactor.advance(5.0)
+    assert closed(t2) and not strict.sets
 
 
 def test_greeting_pipes_count_against_max_pending_and_leave_no_timer() -> None:
@@ -156,3 +161,30 @@ def test_any_first_bytes_are_classified_once_however_they_are_cut(first: bytes, 
         assert not h.sets and not closed(t)  # still a prefix of the magic: wait
     else:
         assert h.sets[0][2] is V1 and b"".join(pipe.early) == first
+
+
+def test_where_v2_is_served_one_pipes_bytes_never_decide_anothers_version() -> None:
+    """A peer without the key at the LP's address (a shared NAT) sends v1
+    bytes: the LP's pipe whose hello is still on its way is not taken for v1."""
+    h = Harness(n=1, allow_v1=True)
+    lp_pipe, lp_t = h.accept()
+    intruder, _ = h.accept()
+    intruder.dataReceived(wire.encode_syn(1, "192.0.2.1", 80))
+    assert h.sets and h.sets[0][0] == [intruder]
+    client = ClientHandshake(KEY, new_session_id(), 1, 0, 65536)
+    lp_pipe.dataReceived(client.hello_bytes())
+    lp_pipe.dataReceived(client.feed(lp_t.value()))
+    assert len(h.sets) == 2 and h.sets[1][2].v2 and h.sets[1][0] == [lp_pipe]
+
+
+def test_on_a_tls_listener_the_hello_wait_starts_after_the_tls_handshake() -> None:
+    h = Harness(n=1, key=None)
+    pipe, t = h.accept()
+    directlyProvides(t, ISSLTransport)
+    h.factory.admission.pipe_gone(pipe, Failure(ConnectionDone()))  # greet it again, as a TLS pipe
+    h.factory.admission.pipe_made(pipe)
+    h.reactor.advance(WAIT * 2)
+    assert not h.sets  # still in its TLS handshake: the handshake timeout applies
+    pipe.handshakeCompleted()
+    h.reactor.advance(WAIT)
+    assert len(h.sets) == 1 and h.sets[0][2] is V1

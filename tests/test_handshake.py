@@ -138,8 +138,8 @@ def test_the_hello_is_invalid_as_v1_and_classified_by_its_first_bytes() -> None:
 
 
 def test_key_files() -> None:
-    assert load_key(b"  0123456789abcdef0123\n") == b"0123456789abcdef0123"
-    with pytest.raises(ValueError, match="has 5 bytes; use at least 16"):
+    assert load_key(b"  0123456789abcdef0123456789abcdef\n") == b"0123456789abcdef0123456789abcdef"
+    with pytest.raises(ValueError, match="has 5 bytes; use at least 32"):
         load_key(b"short\n", "'k.txt'")
 
 

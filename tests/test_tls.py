@@ -19,6 +19,7 @@ ends when the handshake fails (:func:`test_v1_refused_client_certificate`).
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,11 @@ async def test_bytes_round_trip_over_tls_pipes(env: Env, pki: PKI, key_file: str
         assert ISSLTransport.providedBy(pipe.transport)
         assert peer_name(pipe.transport) == ("tm3 lp" if mutual else None)
     assert lp.stats.protocol_errors == rp.stats.protocol_errors == 0
+    # The kernel's RTT (window autotuning) and keepalive reach the TCP socket under TLS.
+    for pipe in [*lp.session.pipes.pipes, *rp.session.pipes.pipes]:
+        sock = pipe.socket()
+        assert sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert pipe.rtt() > 0
 
 
 class Sniffer(portforward.ProxyFactory):

@@ -81,7 +81,7 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["initial-window", None, "256KiB", "v2: payload bytes the peer may send on a connection before our first CREDIT "
      "(4KiB..1GiB)."],
     ["max-window", None, "16MiB", "v2: the most a connection's window grows to (--initial-window..1GiB)."],
-    ["session-window", None, "256MiB", "v2: how far all connections' windows may grow past --initial-window "
+    ["session-window", None, "64MiB", "v2: how far all connections' windows may grow past --initial-window "
      "together (0..64GiB)."],
     ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
     ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],

@@ -25,7 +25,7 @@ KiB = 1024
 MiB = 1024 * KiB
 DEFAULT_INITIAL_WINDOW = 256 * KiB
 DEFAULT_MAX_WINDOW = 16 * MiB
-DEFAULT_SESSION_WINDOW = 256 * MiB
+DEFAULT_SESSION_WINDOW = 64 * MiB
 # A round trip shorter than this is not believed (loopback's kernel RTT is
 # microseconds; Python's own turn-around is the real one).
 MIN_RTT = 0.005

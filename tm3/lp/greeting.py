@@ -90,6 +90,9 @@ class ClientGreeting:
             )
         )
 
+    def pipe_secured(self, pipe: PipeProtocol) -> None:
+        pass  # the hello was written at connect; TLS sends it once its handshake is over
+
     def _expired(self, pipe: PipeProtocol) -> None:
         if pipe in self.handshakes:
             self._fail(pipe, f"no answer to the v2 hello within {self.timeout:g} s (is it a TM3 v2 RP?)")

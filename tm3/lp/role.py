@@ -73,8 +73,9 @@ class LocalRole:
         session = self.session
         chunks = session.inbound.take_queue(conn)
         stream = session.detach(conn)
-        assert isinstance(stream, ClientConnection)
-        stream.reset_when_flushed(chunks)
+        if isinstance(stream, ClientConnection):
+            stream.reset_when_flushed(chunks)
+        # else: the client's socket is gone already; nothing is left to reset
 
     def connection_over(self, conn: Connection) -> None:
         if self.session.conns.get(conn.conn_id) is conn:

@@ -93,7 +93,7 @@ class Options(usage.Options):
         ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}; names are resolved once at "
          "start), or a Twisted client endpoint string: tcp:HOST:PORT, or tls:HOST:PORT:trustRoots=CA_DIR "
          "[:certificate=CERT.pem:privateKey=KEY.pem] for TLS pipes (mutual with a client certificate)."],
-        ["key-file", None, None, "File holding the key shared with the RP (at least 16 bytes): speak protocol v2 "
+        ["key-file", None, None, "File holding the key shared with the RP (at least 32 characters): speak protocol v2 "
          "(authenticated pipes, a window per connection). The RP needs the same --key-file."],
         ["handshake-timeout", None, "10", "v2: seconds the RP has to answer a pipe's hello (0 < s <= 600)."],
         ["pipes", "n", None, "Pipes to open to the RP (required, 1..1024; the RP must expect the same number)."],

@@ -82,11 +82,6 @@ class Inbound:
                 route(msg)
                 if session.ended:
                     break
-        except WindowExceeded as e:
-            assert msg is not None
-            session.protocol_error(
-                pipe.name, f"connection {msg.conn_id} sent {e}", pipe.decoder.offset, encode(msg)[:16]
-            )
         except (ProtocolError, ReorderError) as e:
             if isinstance(e, ProtocolError) and e.offset >= 0:
                 session.protocol_error(pipe.name, e.reason, e.offset, e.data)
@@ -100,7 +95,10 @@ class Inbound:
         seq = msg.seq
         rwin = conn.rwin
         if rwin is not None and type(msg) is Data:
-            rwin.receive(len(msg.payload))
+            try:
+                rwin.receive(len(msg.payload))
+            except WindowExceeded as e:
+                raise ProtocolError(f"connection {msg.conn_id} sent {e}") from None
         if seq == rx.next_seq and not rx.held_bytes:
             # The common case, in order with nothing held: no buffering, no
             # list (held_bytes is 0 exactly when nothing is held).
@@ -162,8 +160,11 @@ class Inbound:
         conn.queue.append(payload)
         cost = n + QUEUE_CHUNK_OVERHEAD
         conn.queued += cost
-        self.queued_total += cost
-        self._check_ceiling(conn)
+        if conn.rwin is None:
+            # (A v2 connection's queue is bounded by its window, and must
+            # hold up only itself: it is not part of the pipes' ceilings.)
+            self.queued_total += cost
+            self._check_ceiling(conn)
 
     def drain(self, conn: Connection) -> None:
         """Write what the socket will take now; half-close once all is written
@@ -192,8 +193,10 @@ class Inbound:
     def _consumed(self, conn: Connection, n: int) -> None:
         """Version 2: the socket took ``n`` bytes; grant the peer more."""
         assert conn.rwin is not None
+        if conn.life.peer_done:
+            return  # the peer sends nothing more: no credit, and no growth
         increment = conn.rwin.consume(n)
-        if increment and not conn.life.peer_done:
+        if increment:
             self.session.outbound.send_credit(conn, increment)
 
     def shutdown_when_drained(self, conn: Connection) -> None:
@@ -224,8 +227,7 @@ class Inbound:
 
     def _check_ceiling(self, conn: Connection) -> None:
         s = self.settings
-        if conn.queued > s.conn_queue_limit and conn.rwin is None:
-            # (A v2 connection's window bounds its queue: it holds only itself up.)
+        if conn.queued > s.conn_queue_limit:
             self.over_ceiling.add(conn)
         pipes = self.session.pipes
         if (self.over_ceiling or self.queued_total > s.total_queue_limit) and not pipes.reading_paused:
@@ -254,6 +256,8 @@ class Inbound:
 
     def _dequeued(self, conn: Connection, n: int) -> None:
         conn.queued -= n
+        if conn.rwin is not None:
+            return
         self.queued_total -= n
         s = self.settings
         if conn.queued <= s.conn_queue_limit // 2:

@@ -24,11 +24,12 @@ from collections.abc import Callable, Sequence
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.error import ConnectionAborted, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tm3.core.wire import Decoder
 from tm3.mux.flow import WriteGate, abort_transport, register_producer
@@ -44,6 +45,12 @@ FLUSH_THRESHOLD = 64 * 1024
 # MAX_EARLY_BYTES all the same is closed.
 EARLY_READ_LIMIT = 64 * 1024
 MAX_EARLY_BYTES = 256 * 1024
+# TCP keepalive on every pipe: first probe after 30 s idle, then every 10 s;
+# 3 unanswered probes close the pipe (and end its session), so a peer that
+# vanished is noticed within about 60 s.
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
 # While the pipes are not read (upload ceilings), the reactor cannot see an
 # EOF or a reset on them; ask the kernel this often instead.
 PAUSED_CHECK_INTERVAL = 1.0
@@ -74,7 +81,10 @@ class Greeter(TypingProtocol):
 
     def pipe_gone(self, pipe: PipeProtocol, reason: Failure) -> None: ...
 
+    def pipe_secured(self, pipe: PipeProtocol) -> None: ...
 
+
+@implementer(IHandshakeListener)
 class PipeProtocol(Protocol):
     log = Logger()
 
@@ -108,11 +118,36 @@ class PipeProtocol(Protocol):
         if ITCPTransport.providedBy(transport):
             # Nagle would add up to 40 ms to every small exchange (Twisted #12311).
             transport.setTcpNoDelay(True)
+        sock = self.socket()
+        if sock is not None:
+            _keepalive(sock)
         register_producer(transport, self.gate)
         if self.greeter is not None:
             self.greeter.pipe_made(self)
         elif self.group is not None:
             self.group.pipe_made(self)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is over (IHandshakeListener; TLS pipes only)."""
+        if self.greeter is not None:
+            self.greeter.pipe_secured(self)
+
+    def socket(self) -> socket.socket | None:
+        """The TCP socket under the transport (under TLS, too), if any."""
+        transport: object = self.transport
+        for _ in range(3):
+            get_handle = getattr(transport, "getHandle", None)
+            if get_handle is not None:
+                try:
+                    handle = get_handle()
+                except (AttributeError, OSError):
+                    handle = None
+                if isinstance(handle, socket.socket):
+                    return handle
+            transport = getattr(transport, "transport", None)  # TLS: the TCP transport it wraps
+            if transport is None:
+                break
+        return None
 
     def join(self, group: PipeGathering, rest: bytes = b"") -> None:
         """The greeting is over: join ``group``; ``rest`` came after it."""
@@ -207,23 +242,23 @@ class PipeProtocol(Protocol):
     def peer_gone(self) -> bool:
         """Whether the kernel says the peer closed or reset this pipe (for
         when reading is paused and the reactor cannot notice)."""
-        get_handle = getattr(self.transport, "getHandle", None)
-        if get_handle is None or not self.connected_:
+        sock = self.socket() if self.connected_ else None
+        if sock is None:
             return False
         try:
-            state = get_handle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        except (OSError, AttributeError, IndexError, TypeError):
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except (OSError, IndexError, TypeError):
             return False
         return state in _PEER_GONE_STATES
 
     def rtt(self) -> float:
         """The kernel's smoothed RTT of this pipe in seconds (0 when unknown)."""
-        get_handle = getattr(self.transport, "getHandle", None)
-        if get_handle is None or not self.connected_:
+        sock = self.socket() if self.connected_ else None
+        if sock is None:
             return 0.0
         try:
-            info = get_handle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_RTT.size + _TCPI_RTT_OFFSET)
-        except (OSError, AttributeError, TypeError):
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_RTT.size + _TCPI_RTT_OFFSET)
+        except (OSError, TypeError):
             return 0.0
         if len(info) < _TCPI_RTT_OFFSET + _TCPI_RTT.size:
             return 0.0
@@ -246,6 +281,18 @@ class PipeProtocol(Protocol):
     def _resumed(self) -> None:
         if self.pipe_set is not None:
             self.pipe_set.pipe_resumed(self)
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Probe an idle pipe so a peer that vanished (a crash, a NAT that
+    forgot the mapping) ends the session within about a minute."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except (OSError, AttributeError):
+        pass  # not Linux, or not TCP
 
 
 class PipeSet:

@@ -5,10 +5,13 @@ which version it speaks, and for version 2 run the handshake
 A v2 LP's first bytes are its HELLO, sent as soon as it connects. A v1 LP
 (the reference) sends nothing until a client connects, and then a v1 message,
 whose first 8 bytes can never be the hello's magic. So a pipe is v1 as soon
-as its first bytes differ from the magic (and so are its silent siblings
-from the same address then), or when it has said nothing for ``hello_wait``
-seconds (an idle reference LP: the wait costs nothing, since its first
-message classifies the set at once), and v2 once the LP has proved the key. What is refused is closed and logged, one line each:
+as its first bytes differ from the magic, or, where v1 is served, when it has
+said nothing for ``hello_wait`` seconds after connecting (after its TLS
+handshake, on a TLS listener): an idle reference LP, for which the wait costs
+nothing, since its first message classifies the pipe at once. On an RP
+without a key (v1 only), a pipe's first message also classifies its silent
+siblings from the same address, so the set starts at once. A pipe is v2 once
+the LP has proved the key. What is refused is closed and logged, one line each:
 
 - a v2 hello when this RP has no key;
 - a v1 pipe when this RP has a key, unless ``allow_v1``;
@@ -24,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from attrs import define
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -77,7 +80,18 @@ class Admission:
         return len(self.greeting)
 
     def pipe_made(self, pipe: PipeProtocol) -> None:
-        self.greeting[pipe] = _Greeting(self.reactor.callLater(self.hello_wait, self._quiet, pipe))
+        # Silence means v1 only where v1 is served, and only once a TLS
+        # handshake (which comes first) is over; until then, the handshake
+        # timeout applies.
+        tls = ISSLTransport.providedBy(pipe.transport)
+        wait = self.hello_wait if self.allow_v1 and not tls else self.handshake_timeout
+        self.greeting[pipe] = _Greeting(self.reactor.callLater(wait, self._quiet, pipe))
+
+    def pipe_secured(self, pipe: PipeProtocol) -> None:
+        """The pipe's TLS handshake is over: now the hello wait starts."""
+        g = self.greeting.get(pipe)
+        if g is not None and g.handshake is None and not g.first and self.allow_v1:
+            g.timer.reset(self.hello_wait)
 
     def pipe_data(self, pipe: PipeProtocol, data: bytes) -> None:
         g = self.greeting.get(pipe)
@@ -90,12 +104,15 @@ class Admission:
                 return  # a few bytes of the magic so far
             if verdict is False:
                 self._v1(pipe, g.first)
-                # Its silent siblings from the same address are the same v1
-                # LP's idle pipes (a v2 pipe says hello as it connects): the
-                # set must not wait out their hello_wait to start.
-                for other, og in list(self.greeting.items()):
-                    if other.peer_host == pipe.peer_host and og.handshake is None and not og.first:
-                        self._v1(other, b"")
+                if self.key is None:
+                    # Its silent siblings from the same address are the same
+                    # v1 LP's idle pipes: the set must not wait out their
+                    # hello wait to start. (Not where v2 is served: a pipe
+                    # whose hello is late must not be taken for v1 because
+                    # of someone else's bytes.)
+                    for other, og in list(self.greeting.items()):
+                        if other.peer_host == pipe.peer_host and og.handshake is None and not og.first:
+                            self._v1(other, b"")
                 return
             if self.key is None:
                 self._refuse(
@@ -133,8 +150,10 @@ class Admission:
         g = self.greeting.get(pipe)
         if g is None:
             return
-        if g.handshake is None and not g.first:
+        if g.handshake is None and not g.first and self.allow_v1:
             self._v1(pipe, b"")  # an idle v1 LP
+        elif g.handshake is None:
+            self._refuse(pipe, f"sent no v2 hello within {self.handshake_timeout:g} s", failed=True)
         else:
             self._refuse(pipe, f"did not finish the v2 handshake within {self.handshake_timeout:g} s", failed=True)
 

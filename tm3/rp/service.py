@@ -164,7 +164,9 @@ class PipeFactory(Factory):
         key = "v2 " + hello.session_id.hex()
         group = self.groups.get(key)
         why = ""
-        if self.is_live(key):
+        if hello.n > self.max_pending:
+            why = f"its set has {hello.n} pipes, more than --max-pending-pipes {self.max_pending} lets wait"
+        elif self.is_live(key):
             why = "its session is complete already"
         elif group is not None and group.n != hello.n:
             why = f"it says its set has {hello.n} pipes, and the set's first pipe said {group.n}"

@@ -73,7 +73,7 @@ class Options(usage.Options):
          "certificate=CERT.pem[:caCerts=CA.pem] (with caCerts, every LP must present a certificate those CAs signed)."],
         ["max-pending-pipes", None, None, "Pipes that may wait for their sets to complete, from all addresses "
          f"together (--pipes..65536; default {DEFAULT_MAX_PENDING}, or --pipes if larger); more are closed at accept."],
-        ["key-file", None, None, "File holding the shared key (at least 16 bytes; for example "
+        ["key-file", None, None, "File holding the shared key (at least 32 characters; for example "
          "`head -c 32 /dev/urandom | base64 > tm3.key`): take v2 pipes that prove it, and no v1 pipes "
          "unless --allow-v1. Without it, only v1 is served."],
         ["hello-wait", None, str(HELLO_WAIT), "Seconds a new pipe that sends nothing is given before it counts as "
