@@ -54,6 +54,18 @@ def test_delay_line_releases_each_packet_when_due_in_arrival_order() -> None:
     assert line.late_max == pytest.approx(0.0005)
 
 
+def test_delay_line_never_lets_a_packet_overtake_the_one_ahead() -> None:
+    # The daemon stamps a packet itself when the kernel gave no stamp; a
+    # kernel-stamped packet behind it may then look older than it.
+    log: list[str] = []
+    line = DelayLine(0.010)
+    line.push(2.000, FakePacket("daemon-stamped", log))
+    line.push(1.995, FakePacket("kernel-stamped", log))
+    assert line.release_due(2.009) == 0
+    assert line.release_due(2.010) == 2
+    assert log == ["daemon-stamped", "kernel-stamped"]
+
+
 def test_delay_line_release_all_lets_everything_through_in_order() -> None:
     log: list[str] = []
     line = DelayLine(1.0)
