@@ -77,6 +77,8 @@ def measure_rate(t: WanTopology, seconds: float) -> None:
             f"tcp {label}: {r.bits_per_second / 1e6:.1f} Mbit/s, {r.retransmits} retransmits{rtt}"
             + (f"; delay daemons' cpu {cpu}" if cpu else "")
         )
+    overflow = "  ".join(f"{h.name} {t.wan.ingress_counters(h).overflowed}" for h in (t.client, t.rp))
+    print(f"delay queue overflows so far (kernel drops, not the loss rule): {overflow}")
 
 
 def main(argv: list[str] | None = None) -> int:

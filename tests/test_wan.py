@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.delayd import DelayLine, Oversleep, main
+from tests.support.delayd import DelayLine, Oversleep, WallClock, main
 from tests.support.netns import NetnsError, Topology
 from tests.support.wan import WanSpec, WanTopology, netfilterqueue_missing_reason
 from tests.support.wanprobe import binomial_interval, iperf3, ping_rtts, udp_sequence
@@ -102,6 +102,17 @@ def test_oversleep_learns_the_usual_lateness_and_ignores_huge_outliers() -> None
     assert o.margin < 210e-6  # one sixteenth of (ceiling - 150 us) added
     o.observe(-1.0)
     assert o.margin >= 0
+
+
+def test_wall_clock_offset_comes_from_the_tightest_reading() -> None:
+    # wall = monotonic + 1000, but the first reading is split by a 500 us
+    # preemption between its wall and monotonic reads.
+    mono = iter([10.0, 10.001, 10.002])
+    wall = iter([1010.0, 1010.0005, 1010.001, 1010.001, 1010.002, 1010.002])
+    clock = WallClock(wall=lambda: next(wall), monotonic=lambda: next(mono), tries=3)
+    assert clock.offset == pytest.approx(1000.0, abs=1e-9)
+    assert clock.spread == pytest.approx(0.0, abs=1e-9)
+    assert clock.to_monotonic(1010.5) == pytest.approx(10.5)
 
 
 def test_delayd_rejects_bad_arguments() -> None:
@@ -191,9 +202,9 @@ def test_loss_rate_is_the_target_each_way_and_nothing_else_is_lost(make_wan_topo
 
 
 @pytest.mark.netns
-def test_back_to_back_datagrams_arrive_all_and_in_order(make_wan_topology: MakeWan) -> None:
+def test_back_to_back_datagrams_arrive_all_and_in_order(wan_topology: WanTopology) -> None:
     n = 5000
-    t = make_wan_topology(WanSpec(rtt_ms=40))
+    t = wan_topology  # 40 ms, no loss
     # All sent at once, so thousands are held in each daemon together.
     there = udp_sequence(t.client, t.web, t.web_ip, n, burst=n)
     back = udp_sequence(t.web, t.client, t.client_ip, n, burst=n)

@@ -62,7 +62,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-__all__ = ["DelayLine", "Oversleep", "main", "serve"]
+__all__ = ["DelayLine", "Oversleep", "WallClock", "main", "serve"]
 
 #: The netlink socket's receive buffer. Messages are metadata only (a few
 #: hundred bytes of truesize each), so this holds tens of thousands of
@@ -76,6 +76,7 @@ _SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)
 # A kernel stamp older than this (or in the future) is not an arrival time
 # (a clock step, or a departure time a sender set): use our own clock.
 _MAX_AGE = 1.0
+_WALL_REFRESH = 1.0
 _PER_BUCKET = 100_000  # 10 us buckets
 _BUCKETS = 1000  # up to 10 ms
 
@@ -198,6 +199,44 @@ class Oversleep:
         self.margin += (late - self.margin) / 16
 
 
+class WallClock:
+    """Converts the kernel's wall-clock packet stamps to the monotonic clock.
+
+    The offset between the two clocks is read as ``wall, monotonic, wall``
+    several times, keeping the tightest triple: a preemption between two
+    reads (hundreds of microseconds on this VM) would otherwise shift every
+    stamp by that much, and a packet stamped with an arrival too early leaves
+    too early. Refreshed every second of traffic, so a slewing wall clock
+    stays within microseconds, and a stepped one within a second.
+    """
+
+    def __init__(
+        self, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic, tries: int = 8
+    ) -> None:
+        self._wall = wall
+        self._monotonic = monotonic
+        self._tries = tries
+        self.offset = 0.0
+        #: The monotonic time of the last :meth:`refresh`.
+        self.refreshed = 0.0
+        #: The spread (wall after - wall before) of the triple the offset came from.
+        self.spread = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        best_spread, best_offset, at = float("inf"), 0.0, 0.0
+        for _ in range(self._tries):
+            before = self._wall()
+            mono = self._monotonic()
+            after = self._wall()
+            if after - before < best_spread:
+                best_spread, best_offset, at = after - before, (before + after) / 2 - mono, mono
+        self.offset, self.spread, self.refreshed = best_offset, best_spread, at
+
+    def to_monotonic(self, wall_time: float) -> float:
+        return wall_time - self.offset
+
+
 def _tighten_timer_slack() -> None:
     # Linux lets a sleep overrun by the thread's timer slack (50 us by
     # default) to batch wake-ups; the release times want less.
@@ -218,7 +257,7 @@ def serve(
 
     line = DelayLine(delay)
     clock = time.monotonic
-    wall = time.time
+    wall = WallClock()
     # ages[0]: packets with a usable kernel stamp; [1]: their summed age
     # (kernel arrival to our read), [2]: the largest.
     ages = [0, 0.0, 0.0]
@@ -228,7 +267,9 @@ def serve(
         arrived = now
         stamp = packet.get_timestamp()
         if stamp:
-            age = wall() - stamp
+            # The stamp is truncated to the microsecond: one more keeps the
+            # delay from ever being short.
+            age = now - wall.to_monotonic(stamp + 1e-6)
             if 0.0 <= age < _MAX_AGE:
                 arrived = now - age
                 ages[0] += 1
@@ -277,6 +318,8 @@ def serve(
                     # still taking arrivals so their stamps stay true.
                     readable, _, _ = select.select(waits, [], [], 0)
             if fd in readable:
+                if clock() - wall.refreshed > _WALL_REFRESH:
+                    wall.refresh()
                 nfq.run(block=False)
             line.release_due(clock())
     finally:
