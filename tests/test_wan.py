@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.delayd import DelayLine, Oversleep, WallClock, main
 from tests.support.netns import NetnsError, Topology
-from tests.support.wan import WanSpec, WanTopology, netfilterqueue_missing_reason
+from tests.support.wan import WanLink, WanSpec, WanTopology, netfilterqueue_missing_reason
 from tests.support.wanprobe import binomial_interval, iperf3, ping_rtts, udp_sequence
 
 MakeWan = Callable[[WanSpec], WanTopology]
@@ -244,6 +244,15 @@ def test_a_dead_delay_daemon_stops_the_link(make_wan_topology: MakeWan) -> None:
     assert ping_rtts(t.client, t.web_ip, count=3, interval=0.05) == []
     with pytest.raises(NetnsError, match="delay daemon on rp"):
         t.wan.check()
+
+
+@pytest.mark.netns
+def test_a_daemon_that_cannot_start_fails_the_link_with_its_error(topology: Topology) -> None:
+    a, b = topology.add_host("a"), topology.add_host("b")
+    wan = WanLink(topology.link(a, b, "10.77.9.0/24"), WanSpec(rtt_ms=10))
+    wan.ends[1].queue_num = 70000  # out of range: delayd refuses it
+    with pytest.raises(NetnsError, match=r"(?s)delay daemon on b:eth0 did not start.*--queue must be 0\.\.65535"):
+        wan.start()
 
 
 @pytest.mark.netns

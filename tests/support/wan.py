@@ -236,7 +236,8 @@ class WanLink:
             if end.daemon is not None and end.daemon.poll() is not None:
                 _, err = end.daemon.communicate()
                 raise NetnsError(
-                    f"delay daemon on {end.host.name}:{end.iface} exited with {end.daemon.returncode}: {err.strip()}"
+                    f"delay daemon on {end.host.name}:{end.iface} exited with {end.daemon.returncode}: "
+                    f"{(err or '').strip()}"
                 )
 
     def ingress_counters(self, host: Host, reset: bool = False) -> IngressCounters:
@@ -311,26 +312,28 @@ class WanLink:
                 return
             if not line:  # EOF: it died
                 break
-        self._stop_daemon(end)
+        err = self._stop_daemon(end)
         raise NetnsError(
             f"delay daemon on {end.host.name}:{end.iface} did not start "
-            f"(exit {proc.returncode}, said {line.strip()!r}): {_read_rest(proc)}"
+            f"(exit {proc.returncode}, said {line.strip()!r}): {err.strip()}"
         )
 
-    def _stop_daemon(self, end: _End) -> None:
+    def _stop_daemon(self, end: _End) -> str:
+        """Stop ``end``'s daemon, if any; keep its stats line; return its stderr."""
         proc, end.daemon = end.daemon, None
         if proc is None:
-            return
+            return ""
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            out, _ = proc.communicate(timeout=5)
+            out, err = proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        for line in out.splitlines():
+            out, err = proc.communicate()
+        for line in (out or "").splitlines():
             if line.startswith("delayd stats "):
                 end.last_stats = line.removeprefix("delayd stats ")
+        return err or ""
 
     def _overflowed(self, end: _End) -> int:
         text = end.host.run(["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout
@@ -339,14 +342,6 @@ class WanLink:
             if len(f) >= 7 and f[0] == str(end.queue_num):
                 return int(f[5]) + int(f[6])
         return 0
-
-
-def _read_rest(proc: subprocess.Popen[str]) -> str:
-    try:
-        _, err = proc.communicate(timeout=5)
-    except (subprocess.TimeoutExpired, ValueError, OSError):
-        return ""
-    return (err or "").strip()
 
 
 @frozen
