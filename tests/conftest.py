@@ -6,7 +6,7 @@ them to tests as fixtures.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import pytest_twisted
@@ -14,6 +14,7 @@ import pytest_twisted
 from tests.support.env import Env
 from tests.support.logs import LogCapture
 from tests.support.netns import TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason
+from tests.support.wan import WanSpec, WanTopology, build_wan_topology
 
 
 @pytest.fixture
@@ -41,6 +42,24 @@ def topology() -> Iterator[Topology]:
 def tm3_topology(topology: Topology) -> TM3Topology:
     """client / rp / server hosts wired for transparent mode (skips if impossible)."""
     return build_tm3_topology(topology)
+
+
+@pytest.fixture
+def make_wan_topology(topology: Topology) -> Callable[[WanSpec], WanTopology]:
+    """Builds client --WAN-- rp -- web with the given link, once per test:
+    ``t = make_wan_topology(WanSpec(rtt_ms=40, loss=0.01, rate_mbit=50))``
+    (skips if namespaces are impossible; fails if the delay daemon cannot run)."""
+
+    def make(spec: WanSpec) -> WanTopology:
+        return build_wan_topology(topology, spec)
+
+    return make
+
+
+@pytest.fixture
+def wan_topology(make_wan_topology: Callable[[WanSpec], WanTopology]) -> WanTopology:
+    """client --WAN-- rp -- web, the WAN a 40 ms round trip with no loss and no rate limit."""
+    return make_wan_topology(WanSpec(rtt_ms=40))
 
 
 @pytest_twisted.async_yield_fixture

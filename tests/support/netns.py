@@ -322,6 +322,7 @@ class Topology:
         self.hosts: dict[str, Host] = {}
         self.links: list[Link] = []
         self._processes: list[subprocess.Popen[str]] = []
+        self._cleanups: list[Callable[[], object]] = []
         self._closed = False
 
     def __enter__(self) -> Topology:
@@ -453,15 +454,27 @@ class Topology:
         self._processes.append(proc)
         return proc
 
+    def add_cleanup(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` first thing in :meth:`close` (last added, first called),
+        while the namespaces and processes still exist: for helpers such as
+        :class:`tests.support.wan.WanLink` that undo their own setup."""
+        self._cleanups.append(fn)
+
     def close(self) -> None:
-        """Stop started processes, then delete every namespace (and so every
-        veth and iptables rule inside them). Safe to call twice."""
+        """Run the cleanups, stop started processes, then delete every
+        namespace (and so every veth and iptables rule inside them). Safe to
+        call twice."""
         if self._closed:
             return
         self._closed = True
+        errors: list[str] = []
+        while self._cleanups:
+            try:
+                self._cleanups.pop()()
+            except Exception as e:  # the namespaces must go whatever failed
+                errors.append(f"cleanup {e!r}")
         for proc in self._processes:
             _stop(proc)
-        errors: list[str] = []
         for host in self.hosts.values():
             # Anything still inside was started by this test (e.g. a daemon
             # a popen'd command forked off); the namespace would outlive
@@ -486,7 +499,7 @@ class Topology:
             if done.returncode != 0 and (_NETNS_RUN_DIR / host.netns).exists():
                 errors.append(f"{host.netns}: {done.stderr.strip()}")
         if errors:
-            raise NetnsError("could not delete namespaces: " + "; ".join(errors))
+            raise NetnsError("could not close the topology cleanly: " + "; ".join(errors))
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -532,15 +545,17 @@ class TM3Topology:
     server_ip: str
 
 
-def build_tm3_topology(topo: Topology) -> TM3Topology:
+def build_tm3_topology(topo: Topology, server_name: str = "server") -> TM3Topology:
     """Add client, rp and server hosts to ``topo`` as in the module docstring.
 
     The client's and server's default routes point at the RP, which forwards,
     so with no redirect rules the client reaches the server directly.
+    ``server_name`` names the server's host (and namespace) only; the
+    attribute stays ``server``.
     """
     client = topo.add_host("client")
     rp = topo.add_host("rp")
-    server = topo.add_host("server")
+    server = topo.add_host(server_name)
     to_client = topo.link(rp, client, "10.77.1.0/24")
     to_server = topo.link(rp, server, "10.77.2.0/24")
     topo.enable_forwarding(rp)
