@@ -16,8 +16,7 @@ servers and clients in threads of this process, and measures:
     .venv/bin/python benchmarks/flow.py [--seconds 8] [--bulk-mib 512] [--rounds 3]
 
 The delayed-path figure (a single connection at 40 ms RTT against direct
-TCP) is measured on the emulated link: ``benchmarks/flow.py --rtt-ms 40``
-runs the bulk part across the netns WAN link of ``tests/support/wan.py``.
+TCP) is measured on the emulated wide-area link by ``benchmarks/wan_bulk.py``.
 """
 
 from __future__ import annotations
