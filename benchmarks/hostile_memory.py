@@ -64,7 +64,7 @@ from tm3.core.reorder import HELD_OVERHEAD
 from tm3.core.wire import HEADER_SIZE
 from tm3.mux.pipes import EARLY_READ_LIMIT
 from tm3.mux.settings import Settings
-from tm3.rp.role import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
+from tm3.rp.orphans import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
 
 KiB = 1024
 MiB = 1024 * KiB
