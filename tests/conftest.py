@@ -7,11 +7,13 @@ them to tests as fixtures.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 
 from tests.support.env import Env
+from tests.support.level4 import Level4
 from tests.support.logs import LogCapture
 from tests.support.netns import TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason
 from tests.support.wan import WanSpec, WanTopology, build_wan_topology
@@ -60,6 +62,19 @@ def make_wan_topology(topology: Topology) -> Callable[[WanSpec], WanTopology]:
 def wan_topology(make_wan_topology: Callable[[WanSpec], WanTopology]) -> WanTopology:
     """client --WAN-- rp -- web, the WAN a 40 ms round trip with no loss and no rate limit."""
     return make_wan_topology(WanSpec(rtt_ms=40))
+
+
+@pytest.fixture
+def make_level4(topology: Topology, tmp_path: Path) -> Callable[..., Level4]:
+    """The Level 4 bed (tests/support/level4.py) over a WAN link with the
+    given spec (default: 40 ms RTT, 0.5% loss, 50 Mbit/s); nothing started yet."""
+
+    def make(spec: WanSpec | None = None) -> Level4:
+        bed = Level4(topology, tmp_path, spec)
+        topology.add_cleanup(bed.close)
+        return bed
+
+    return make
 
 
 @pytest_twisted.async_yield_fixture

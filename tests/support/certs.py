@@ -139,3 +139,30 @@ def _load(cert: Path, key: Path) -> tuple[x509.Certificate, ec.EllipticCurvePriv
     loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
     assert isinstance(loaded, ec.EllipticCurvePrivateKey)
     return x509.load_pem_x509_certificate(cert.read_bytes()), loaded
+
+
+def make_web_pki(directory: Path, ips: list[str]) -> tuple[Path, Pair]:
+    """A CA (its certificate's path) and one server certificate for all of
+    ``ips`` (IP SANs): the Level 4 web server's HTTPS origins."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("TM3 web test CA", ca_key, None, ca_key, ca=True)
+    _write_pair(directory, "web-ca", [ca], ca_key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tm3 web")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), critical=False
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return directory / "web-ca.pem", _write_pair(directory, "web", [cert], key)
