@@ -24,22 +24,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import TM3Topology
-from tests.support.processes import TWISTD
+from tests.support.processes import TWISTD, wait_for
 
 pytestmark = pytest.mark.netns
 
 TESTPORT = 8080
 HTTPPORT = 8081
 LP_PORT = 6001
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def read(path: Path) -> str:

@@ -27,13 +27,12 @@ import os
 import re
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support.certs import Pair, make_web_pki
 from tests.support.netns import Host, Topology
-from tests.support.processes import TWISTD
+from tests.support.processes import TWISTD, wait_for
 from tests.support.wan import WanSpec, WanTopology, build_wan_topology
 
 RP_PORT = 6000
@@ -72,15 +71,6 @@ http {{
     }}
 }}
 """
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def open_fds(pid: int) -> int:
