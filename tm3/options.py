@@ -74,8 +74,9 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["max-payload", None, str(DEFAULT_PAYLOAD), f"Payload bytes per DATA message sent on the pipes (1..{MAX_PAYLOAD}); "
      "the reference LP is only known to handle 4096."],
     ["connect-timeout", None, "10", "Seconds to wait for a connect before reporting failure (0 < s <= 3600)."],
-    ["conn-queue", None, "4MiB", "Bytes queued for one slow socket before all pipes pause (64KiB..1GiB)."],
-    ["total-queue", None, "64MiB", "Bytes queued for all sockets before all pipes pause (64KiB..16GiB)."],
+    ["conn-queue", None, "4MiB", "v1: bytes queued for one slow socket before all pipes pause (64KiB..1GiB); "
+     "a v2 connection is bounded by its window instead."],
+    ["total-queue", None, "64MiB", "v1: bytes queued for all sockets before all pipes pause (64KiB..16GiB)."],
     ["stall-timeout", None, "10", "Seconds a socket may take none of its queue while the queues keep every pipe "
      "paused; then that connection is reset (0 < s <= 3600)."],
     ["initial-window", None, "256KiB", "v2: payload bytes the peer may send on a connection before our first CREDIT "

@@ -67,7 +67,8 @@ class Options(usage.Options):
         "sets are bound by session id, and every connection has its own window."
     )
     optParameters = [
-        ["pipes", "n", None, "Pipes in a session: the RP waits for exactly this many from the LP (required, 1..1024)."],
+        ["pipes", "n", None, "Pipes in a v1 session: the RP waits for exactly this many from a v1 LP (required, 1..1024); "
+         "a v2 LP says how many its set has."],
         ["listen", "l", "tcp:6000", "Where to accept pipes: a Twisted server endpoint string "
          "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path), or for TLS pipes tls:6000:privateKey=KEY.pem:"
          "certificate=CERT.pem[:caCerts=CA.pem] (with caCerts, every LP must present a certificate those CAs signed)."],
