@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import runpy
 import subprocess
+from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceCollection
@@ -209,6 +210,27 @@ def test_options_from_env_maps_every_variable() -> None:
         window_bytes=3 * MiB,
         total_window_bytes=4 * MiB,
     )
+
+
+def test_the_environment_gives_keys_windows_and_the_v1_flag(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_text("k" * 40 + "\n")
+    config = options_from_env(
+        {"TM3_PIPES": "2", "TM3_KEY_FILE": str(key), "TM3_ALLOW_V1": "yes", "TM3_INITIAL_WINDOW": "64KiB",
+         "TM3_MAX_WINDOW": "1MiB", "TM3_SESSION_WINDOW": "8MiB", "TM3_HELLO_WAIT": "0.5", "TM3_HANDSHAKE_TIMEOUT": "3"}
+    )  # fmt: skip
+    assert config["key"] == b"k" * 40 and config["allow-v1"]
+    assert (config["hello-wait"], config["handshake-timeout"]) == (0.5, 3.0)
+    s = config.settings()
+    assert (s.initial_window, s.max_window, s.session_window) == (64 * 1024, MiB, 8 * MiB)
+    assert not options_from_env({"TM3_PIPES": "2", "TM3_KEY_FILE": str(key), "TM3_ALLOW_V1": "0"})["allow-v1"]
+    with pytest.raises(usage.UsageError, match=r"^TM3_ALLOW_V1='maybe': use 1, yes or true"):
+        options_from_env({"TM3_PIPES": "2", "TM3_ALLOW_V1": "maybe"})
+    with pytest.raises(usage.UsageError, match=r"--allow-v1 goes with --key-file"):
+        options_from_env({"TM3_PIPES": "2", "TM3_ALLOW_V1": "1"})
+    with pytest.raises(usage.UsageError, match=r"TM3_KEY_FILE=.*: --key-file: .* has 5 bytes; use at least 32"):
+        key.write_text("short")
+        options_from_env({"TM3_PIPES": "2", "TM3_KEY_FILE": str(key)})
 
 
 def test_options_from_env_defaults() -> None:
