@@ -17,11 +17,16 @@ the web, the LP's from the client) in a live state.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import select
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from attrs import define
@@ -221,3 +226,308 @@ def test_fifty_parallel_downloads(make_level4: Callable[..., Level4], site: Site
     assert results == [(site.digests["mid.bin"], "")] * 50
     print(f"\n50 x 20 MiB in parallel through TM3: {seconds:.1f} s, {mb_per_s(50 * 20 * MiB, seconds):.0f} MB/s in all")
     check_clean(bed, ledger, 50)
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+#: The RP's --connect-timeout in the fault tests (the default is 10 s).
+CONNECT_TIMEOUT = 3.0
+#: A port nothing listens on at any origin, and the one the test servers use.
+CLOSED_PORT = 81
+SERVER_PORT = 8080
+FAULT_PORTS = (80, 443, CLOSED_PORT, SERVER_PORT)
+
+
+#: A raw TCP client for the client host: connects (to the address itself, so
+#: the redirect rules apply, or through the LP's SOCKS5), sends a request,
+#: reads until EOF, a reset, or ``abort_after`` bytes (then closes with
+#: SO_LINGER 0: a RST), and prints what happened as JSON.
+PROBE = r"""
+import hashlib, json, socket, struct, sys, time
+a = json.loads(sys.argv[1])
+out = {"outcome": None, "bytes": 0}
+digest = hashlib.sha256()
+started = time.monotonic()
+s = socket.socket()
+s.settimeout(a["timeout"])
+def recv_exactly(n):
+    data = b""
+    while len(data) < n:
+        more = s.recv(n - len(data))
+        if not more:
+            raise ConnectionError("EOF in the SOCKS reply")
+        data += more
+    return data
+try:
+    if a["socks"]:
+        s.connect(("127.0.0.1", a["socks"]))
+        s.sendall(b"\x05\x01\x00")
+        recv_exactly(2)
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(a["host"]) + struct.pack(">H", a["port"]))
+        out["socks_reply"] = recv_exactly(10)[1]
+    else:
+        s.connect((a["host"], a["port"]))
+    out["connected"] = time.monotonic() - started
+    s.sendall(a["send"].encode())
+    while True:
+        data = s.recv(1 << 16)
+        if not data:
+            out["outcome"] = "eof"
+            break
+        digest.update(data)
+        out["bytes"] += len(data)
+        if a["abort_after"] is not None and out["bytes"] >= a["abort_after"]:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            out["aborted_at"] = time.monotonic()
+            s.close()
+            out["outcome"] = "aborted"
+            break
+except ConnectionResetError:
+    out["outcome"] = "reset"
+except socket.timeout:
+    out["outcome"] = "timeout"
+except OSError as e:
+    out["outcome"] = f"error: {e}"
+out["seconds"] = time.monotonic() - started
+out["sha256"] = digest.hexdigest()
+print(json.dumps(out), flush=True)
+"""
+
+
+def probe_argv(
+    bed: Level4,
+    host: str,
+    port: int,
+    *,
+    socks: bool = False,
+    send: str = "GET / HTTP/1.0\r\n\r\n",
+    abort_after: int | None = None,
+    timeout: float = 20,
+) -> list[str]:
+    args = {
+        "host": host,
+        "port": port,
+        "socks": SOCKS_PORT if socks else 0,
+        "send": send,
+        "abort_after": abort_after,
+        "timeout": timeout,
+    }
+    return bed.client.python_argv("-c", PROBE, json.dumps(args))
+
+
+def probe(bed: Level4, host: str, port: int, **kwargs: Any) -> dict[str, Any]:
+    done = bed.client.run(probe_argv(bed, host, port, **kwargs), timeout=60)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+#: A test server for the web host, serving connections one after another.
+#: ``reset``: answer the request with a header for ``length`` bytes, send
+#: ``body`` bytes, wait until the peer has acknowledged them all, report
+#: ("sent", with the sha256 of all it sent), wait for a line on stdin, then
+#: close with SO_LINGER 0 (a RST). ``stream``: send until the socket fails,
+#: then report the error and when it came. Every report is a JSON line.
+SERVER = r"""
+import fcntl, hashlib, json, socket, struct, sys, termios, time
+a = json.loads(sys.argv[1])
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((a["host"], a["port"]))
+ls.listen(16)
+say(event="ready")
+block = bytes(range(256)) * 256
+while True:
+    c, peer = ls.accept()
+    c.recv(65536)  # the request
+    if a["mode"] == "reset":
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % a["length"]
+        digest = hashlib.sha256(head)
+        c.sendall(head)
+        left = a["body"]
+        while left:
+            chunk = block[: min(left, len(block))]
+            c.sendall(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+        while struct.unpack("i", fcntl.ioctl(c, termios.TIOCOUTQ, b"\0\0\0\0"))[0]:
+            time.sleep(0.01)
+        say(event="sent", bytes=len(head) + a["body"], sha256=digest.hexdigest())
+        sys.stdin.readline()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        say(event="reset")
+    else:
+        sent = 0
+        try:
+            while True:
+                sent += c.send(block)
+        except OSError as e:
+            say(event="error", error=type(e).__name__, at=time.monotonic(), sent=sent)
+        c.close()
+"""
+
+
+class Server:
+    """A :data:`SERVER` on the web host, with its JSON reports."""
+
+    def __init__(self, bed: Level4, host: str, mode: str, **args: int) -> None:
+        argv = bed.web.python_argv("-c", SERVER, json.dumps({"host": host, "port": SERVER_PORT, "mode": mode, **args}))
+        self.proc = bed.web.popen(argv, stdin=subprocess.PIPE)
+        self._buf = b""
+        assert self.next(10)["event"] == "ready"
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise AssertionError(f"the test server said nothing for {timeout:g} s")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise AssertionError(f"the test server exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        report: dict[str, Any] = json.loads(line)
+        return report
+
+    def go_on(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+
+#: States of a connection that is not over (TIME-WAIT and FIN-WAIT-2 are).
+LIVE = {"ESTAB", "SYN-SENT", "SYN-RECV", "CLOSE-WAIT", "FIN-WAIT-1", "LAST-ACK", "CLOSING"}
+
+
+def test_remote_connect_refused(make_level4: Callable[..., Level4], site: Site) -> None:
+    """A port nothing listens on: the client is reset at once (not left
+    hanging, nor kept until the connect timeout), transparent and SOCKS."""
+    bed = up(make_level4, site, None, "--connect-timeout", f"{CONNECT_TIMEOUT:g}")
+    bed.redirect(True, FAULT_PORTS)
+    ledger = Ledger(bed)
+    origin = bed.origins[0]
+    for socks in (False, True):
+        result = probe(bed, origin, CLOSED_PORT, socks=socks)
+        print(
+            f"\nconnect refused ({'SOCKS' if socks else 'transparent'}): client reset after {result['seconds']:.3f} s"
+        )
+        assert result["outcome"] == "reset" and result["bytes"] == 0, result
+        assert result.get("socks_reply", 0) == 0  # SOCKS: success is sent with the SYN, the reset follows
+        assert result["seconds"] < CONNECT_TIMEOUT / 3, result
+    assert bed.rp is not None
+    assert bed.rp.log().count(f"connect to {origin}:{CLOSED_PORT} failed: Connection was refused") == 2
+    check_clean(bed, ledger, 2)
+
+
+def test_destination_never_answers(make_level4: Callable[..., Level4], site: Site) -> None:
+    """A destination whose packets are dropped: the client is reset when the
+    RP's --connect-timeout expires, not earlier and not much later."""
+    bed = up(make_level4, site, None, "--connect-timeout", f"{CONNECT_TIMEOUT:g}")
+    bed.redirect(True, FAULT_PORTS)
+    origin = bed.origins[1]
+    drop = ["INPUT", "-d", origin, "-p", "tcp", "--dport", str(CLOSED_PORT), "-j", "DROP"]
+    bed.web.run(["iptables", "-w", "10", "-A", *drop])
+    ledger = Ledger(bed)
+    for socks in (False, True):
+        result = probe(bed, origin, CLOSED_PORT, socks=socks)
+        print(
+            f"\nno answer ({'SOCKS' if socks else 'transparent'}), --connect-timeout {CONNECT_TIMEOUT:g}:"
+            f" client reset after {result['seconds']:.3f} s"
+        )
+        assert result["outcome"] == "reset" and result["bytes"] == 0, result
+        assert CONNECT_TIMEOUT - 0.1 < result["seconds"] < CONNECT_TIMEOUT + 1.0, result
+    dropped = bed.web.run(["iptables", "-w", "10", "-nvxL", "INPUT"]).stdout.splitlines()[2].split()[0]
+    assert int(dropped) >= 2  # the RP's SYNs got there, and nothing answered
+    assert bed.rp is not None
+    assert bed.rp.log().count(f"connect to {origin}:{CLOSED_PORT} failed") == 2
+    check_clean(bed, ledger, 2)
+
+
+def rp_recv_queue(bed: Level4, peer: str) -> int | None:
+    """The RP's unread bytes on its connection to ``peer`` (None: no such connection)."""
+    for row in sockets(bed, "rp"):
+        if row[0] == "ESTAB" and row[4] == peer:
+            return int(row[1])
+    return None
+
+
+def test_server_resets_mid_transfer(make_level4: Callable[..., Level4], site: Site) -> None:
+    """A server that resets after some MB: the client gets every byte it
+    sent and then a reset, never a clean end of a short body (raw socket);
+    curl says "Connection reset by peer" (error 56), not a short transfer (18)."""
+    bed = up(make_level4, site, None)
+    bed.redirect(True, FAULT_PORTS)
+    origin = bed.origins[0]
+    server = Server(bed, origin, "reset", body=4 * MiB, length=64 * MiB)
+    ledger = Ledger(bed)
+    peer = f"{origin}:{SERVER_PORT}"
+
+    def reset_when_read() -> dict[str, Any]:
+        sent = server.next(30)
+        assert sent["event"] == "sent"
+        # The RP's kernel has it all (the server's queue is empty); wait until
+        # the RP has read it too, so all of it is owed to the client.
+        wait_for(lambda: rp_recv_queue(bed, peer) == 0, "the RP to read all the server sent")
+        server.go_on()
+        assert server.next(10)["event"] == "reset"
+        return sent
+
+    client = bed.client.popen(probe_argv(bed, origin, SERVER_PORT, timeout=30))
+    sent = reset_when_read()
+    result = json.loads(client.communicate(timeout=30)[0].splitlines()[-1])
+    print(f"\nserver reset after {sent['bytes']} B: the client got {result['bytes']} B, then {result['outcome']}")
+    assert result["outcome"] == "reset", result
+    assert (result["bytes"], result["sha256"]) == (sent["bytes"], sent["sha256"])
+
+    curl = bed.client.popen(["curl", "-sS", "-o", "/dev/null", f"http://{peer}/"])
+    reset_when_read()
+    _, err = curl.communicate(timeout=30)
+    assert curl.returncode == 56 and "reset by peer" in err, (curl.returncode, err)
+    assert bed.rp is not None
+    assert bed.rp.log().count(f"to {peer} ended: rst") == 2
+    check_clean(bed, ledger, 2)
+
+
+def web_connections(bed: Level4, port: int) -> list[str]:
+    """Live sockets of the web host's servers on ``port``."""
+    return [" ".join(r) for r in sockets(bed, "web") if r[0] in LIVE and r[3].endswith(f":{port}")]
+
+
+def test_client_aborts_mid_download(make_level4: Callable[..., Level4], site: Site) -> None:
+    """A client that resets mid-download (a raw socket with SO_LINGER 0, then
+    curl killed): the server's connection is reset within a second, and the
+    RP lets go of the connection."""
+    bed = up(make_level4, site, None)
+    bed.redirect(True, FAULT_PORTS)
+    origin = bed.origins[2]
+    server = Server(bed, origin, "stream")
+    ledger = Ledger(bed)
+
+    result = probe(bed, origin, SERVER_PORT, abort_after=2 * MiB)
+    assert result["outcome"] == "aborted", result
+    gone = server.next(10)
+    lag = gone["at"] - result["aborted_at"]
+    print(
+        f"\nclient reset after {result['bytes']} B: the server's send failed ({gone['error']}) {lag * 1000:.0f} ms later"
+    )
+    assert gone["error"] in ("ConnectionResetError", "BrokenPipeError") and lag < 1.0
+
+    curl = bed.client.popen(["curl", "-sS", "-o", "/dev/null", f"http://{origin}/long.bin"])
+    wait_for(lambda: any(int(r[2]) > 0 for r in sockets(bed, "web") if r[3] == f"{origin}:80"), "nginx sending")
+    time.sleep(0.5)
+    killed = time.monotonic()
+    curl.send_signal(signal.SIGKILL)
+    curl.wait(5)
+    wait_for(lambda: not web_connections(bed, 80), "nginx's connection gone", 5)
+    lag = time.monotonic() - killed
+    print(f"curl killed mid-download: nginx's connection gone {lag * 1000:.0f} ms later")
+    assert lag < 1.0
+    assert bed.rp is not None
+    assert bed.rp.log().count(f"to {origin}:{SERVER_PORT} ended: rst") == 1
+    assert bed.rp.log().count(f"to {origin}:80 ended: rst") == 1
+    check_clean(bed, ledger, 2)
