@@ -22,6 +22,7 @@ import os
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -531,3 +532,183 @@ def test_client_aborts_mid_download(make_level4: Callable[..., Level4], site: Si
     assert bed.rp.log().count(f"to {origin}:{SERVER_PORT} ended: rst") == 1
     assert bed.rp.log().count(f"to {origin}:80 ended: rst") == 1
     check_clean(bed, ledger, 2)
+
+
+# -- restarts --------------------------------------------------------------------------------------
+
+
+def first_success(bed: Level4, url: str, digest: str, deadline: float) -> float:
+    """Fetch ``url`` every 0.2 s until it comes right; when it did (monotonic)."""
+    while True:
+        got, _, _ = fetch(bed, url, timeout=10)
+        if got == digest:
+            return time.monotonic()
+        assert time.monotonic() < deadline, "no successful download in time"
+        time.sleep(0.2)
+
+
+#: How long a restarted LP may take until a download through it works: its
+#: start (twistd, about 1-2 s here), the pipes (a v2 handshake: 2 RTT), a
+#: 256 KiB page. It dials as soon as it starts.
+LP_RESTART_BOUND = 8.0
+
+
+def test_lp_killed_and_restarted(make_level4: Callable[..., Level4], site: Site) -> None:
+    """SIGKILL the LP mid-download: the kernel closes its pipes, so the RP ends
+    that session and resets its server connection at once; a restarted LP
+    carries the next download within :data:`LP_RESTART_BOUND`."""
+    bed = up(make_level4, site, None)
+    bed.redirect(True)
+    assert bed.rp is not None and bed.lp is not None
+    rp, lp = bed.rp, bed.lp
+    origin = bed.origins[0]
+    page = f"http://{origin}/page.bin"
+    ledger = Ledger(bed)
+    assert fetch(bed, page)[:2] == (site.digests["page.bin"], "")
+    curl = bed.client.popen(fetch_argv(bed, f"http://{origin}/long.bin"))
+    wait_for(lambda: bool(web_connections(bed, 80)), "the long download")
+    time.sleep(1)
+
+    killed = time.monotonic()
+    lp.kill()
+    wait_for(lambda: "lost after" in rp.log(), "the RP to end the LP's session", 5)
+    wait_for(lambda: not web_connections(bed, 80), "nginx's connection gone", 5)
+    rp_lag = time.monotonic() - killed
+    assert fetch_result(curl)[0] == ""
+    # The RP has let go of it all: its connections (both ended), the pipes.
+    wait_for(lambda: ledger.ended()[0] == 2 and not carried_sockets(bed), "the RP's connections over")
+    wait_for(lambda: rp.fds() <= rp.baseline_fds - 4, "the RP's fds back to no session")
+
+    restarted = time.monotonic()
+    lp.start()
+    after = Ledger(bed)
+    ok = first_success(bed, page, site.digests["page.bin"], restarted + LP_RESTART_BOUND + 5)
+    print(
+        f"\nLP killed: RP session and server connection gone {rp_lag * 1000:.0f} ms later;"
+        f" restarted LP carried a download {ok - restarted:.2f} s after its start"
+    )
+    assert ok - restarted < LP_RESTART_BOUND
+    bed.wait_session()
+    check_clean(bed, after, 1)
+
+
+#: How long the RP stays down in :func:`test_rp_killed_and_restarted`: long
+#: enough for the LP's redials to back off (0.5, 1, 2 s after the loss).
+RP_DOWNTIME = 2.5
+
+
+def test_rp_killed_and_restarted(make_level4: Callable[..., Level4], site: Site) -> None:
+    """SIGKILL the RP mid-download: the LP resets the client (curl 56, never a
+    clean short end) and redials with backoff (0.5 s, doubling); with the RP
+    back, the next download works within one backoff step."""
+    bed = up(make_level4, site, None)
+    bed.redirect(True)
+    assert bed.rp is not None and bed.lp is not None
+    rp, lp = bed.rp, bed.lp
+    origin = bed.origins[1]
+    page = f"http://{origin}/page.bin"
+    assert fetch(bed, page)[:2] == (site.digests["page.bin"], "")  # the session carried traffic: redial soon
+    curl = bed.client.popen(fetch_argv(bed, f"http://{origin}/long.bin"))
+    wait_for(lambda: bool(web_connections(bed, 80)), "the long download")
+    time.sleep(1)
+
+    killed = time.monotonic()
+    rp.kill()
+    _, err = fetch_result(curl)
+    assert "reset by peer" in err, err
+    wait_for(lambda: "reconnecting in 0.5 s" in lp.log(), "the LP to redial", 5)
+    wait_for(lambda: lp.fds() <= lp.baseline_fds - 4, "the LP's fds back to no session")
+    assert not carried_sockets(bed)
+    time.sleep(max(0.0, killed + RP_DOWNTIME - time.monotonic()))
+    rp.start()
+    wait_for(lambda: "listening on" in rp.log(), "the RP to listen")
+    listening = time.monotonic()
+    after = Ledger(bed)
+    ok = first_success(bed, page, site.digests["page.bin"], listening + 30)
+    # Redials 0.5, 1, 2, 4 ... s after the loss: the first after the RP
+    # listens again (L after the loss) comes by max(1, 2 L); then the
+    # handshake and the page.
+    downtime = listening - killed
+    bound = max(1.0, 2 * downtime) + 2.0
+    print(
+        f"\nRP killed, restarted {downtime:.2f} s later: a download worked {ok - killed:.2f} s after the kill"
+        f" ({ok - listening:.2f} s after the RP listened again; bound {bound:.2f} s after the kill)"
+    )
+    assert ok - killed < bound
+    log = lp.log()
+    assert "retrying in 1.0 s" in log and "retrying in 2.0 s" in log  # it backed off meanwhile
+    bed.wait_session()
+    check_clean(bed, after, 1)
+
+
+# -- small connections beside a bulk download ------------------------------------------------------
+
+
+#: Browser-style short requests for the client host: ``workers`` threads,
+#: each request on a new connection; prints every latency and any failure.
+SHORTS = r"""
+import hashlib, http.client, json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+a = json.loads(sys.argv[1])
+def one(item):
+    host, path, digest = item
+    started = time.monotonic()
+    try:
+        c = http.client.HTTPConnection(host, 80, timeout=a["timeout"])
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        bad = None if r.status == 200 and hashlib.sha256(body).hexdigest() == digest else f"{path}: {r.status}, {len(body)} B"
+    except Exception as e:
+        bad = f"{path}: {e!r}"
+    return time.monotonic() - started, bad
+with ThreadPoolExecutor(a["workers"]) as pool:
+    results = list(pool.map(one, a["items"]))
+print(json.dumps({"latencies": [r[0] for r in results], "errors": [r[1] for r in results if r[1]]}))
+"""
+
+
+def shorts(bed: Level4, site: Site, n: int = 256, workers: int = 8) -> list[float]:
+    """``n`` small GETs over the origins, ``workers`` at a time; all must be
+    right. Returns their latencies (connect to last byte) in seconds."""
+    names = site.small_files()
+    items = [(bed.origins[i % 3], f"/{names[i % len(names)]}", site.digests[names[i % len(names)]]) for i in range(n)]
+    argv = bed.client.python_argv("-c", SHORTS, json.dumps({"items": items, "workers": workers, "timeout": 30}))
+    result = json.loads(bed.client.run(argv, timeout=300).stdout)
+    assert result["errors"] == [], result["errors"][:5]
+    latencies: list[float] = result["latencies"]
+    assert len(latencies) == n
+    return latencies
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[18]
+
+
+def test_short_connections_during_a_bulk_download(make_level4: Callable[..., Level4], site: Site, gib: str) -> None:
+    """256 browser-style GETs (8 at a time, a new connection each) while a
+    1 GiB download fills the 50 Mbit/s link through the same pipes: all
+    complete, and their p95 latency stays within a generous bound."""
+    bed = up(make_level4, site, None)
+    bed.redirect(True)
+    ledger = Ledger(bed)
+    idle = shorts(bed, site)
+    body = bed.workdir / "bulk.part"
+    bulk = bed.client.popen(fetch_argv(bed, f"http://{bed.origins[0]}/gib.bin", timeout=600, out=str(body)))
+    wait_for(lambda: body.exists() and body.stat().st_size > 4 * MiB, "the bulk download going")
+    started, size_before = time.monotonic(), body.stat().st_size
+    loaded = shorts(bed, site)
+    seconds, size_after = time.monotonic() - started, body.stat().st_size
+    assert bulk.poll() is None  # still running: it was there all along
+    bulk_rate = mb_per_s(size_after - size_before, seconds)
+    os.killpg(bulk.pid, signal.SIGTERM)  # bash, curl, tee, openssl
+    bulk.communicate(timeout=10)
+    print(
+        f"\n256 short GETs, 8 at a time: p95 {p95(idle) * 1000:.0f} ms idle;"
+        f" {p95(loaded) * 1000:.0f} ms (p50 {statistics.median(loaded) * 1000:.0f} ms, max {max(loaded) * 1000:.0f} ms)"
+        f" during a bulk download, which kept {bulk_rate:.1f} MB/s meanwhile"
+    )
+    assert p95(loaded) < 2.0
+    assert bulk_rate > 1.0  # the bulk download was not starved either
+    check_clean(bed, ledger, 2 * 256 + 1)
