@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +36,8 @@ from attrs import define
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tests.support.level4 import RP_PORT, SOCKS_PORT, TRANSPARENT_PORT, Level4, Proxy, wait_for
+from tests.support.netns import Host
+from tests.support.processes import REPO_ROOT, clean_env
 from tests.support.wan import WanSpec
 
 pytestmark = pytest.mark.netns
@@ -712,3 +716,78 @@ def test_short_connections_during_a_bulk_download(make_level4: Callable[..., Lev
     assert p95(loaded) < 2.0
     assert bulk_rate > 1.0  # the bulk download was not starved either
     check_clean(bed, ledger, 2 * 256 + 1)
+
+
+# -- the README's Experiment 2, as written ---------------------------------------------------------
+
+PAGE = '<html><body><p id="tm3">Experiment 2 page, through TM3</p></body></html>\n'
+#: What the CI adds to the README's chromium line: no display, and root
+#: (Chromium's sandbox refuses root).
+CHROMIUM_CI_FLAGS = "--headless --no-sandbox --disable-gpu --dump-dom --user-data-dir={dir}"
+
+
+def experiment_2() -> tuple[str, list[str]]:
+    """The README's Experiment 2: the RP's command, and the shell lines of
+    its block (comments dropped), as written."""
+    section = (REPO_ROOT / "README.md").read_text().split("### Experiment 2", 1)[1].split("\n## ", 1)[0]
+    found = re.search(r"With an RP on `RP_IP` \(`([^`]+)`\)", section)
+    assert found is not None, "Experiment 2 no longer says how to start the RP"
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return found.group(1), [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_experiment_2_as_written(make_level4: Callable[..., Level4], tmp_path: Path) -> None:
+    """Every command of the README's Experiment 2 as written, with only its
+    placeholders filled in (RP_IP; example.org is the web host, by a hosts
+    file for the client's namespace), all twistds in one directory; chromium
+    gets the flags a headless root CI needs. Each client gets the page, and
+    the RP's log shows it crossed the pipes."""
+    rp_command, lines = experiment_2()
+    bed = make_level4()
+    assert bed.t.tm3.client_iface == "eth0"  # as the README's tm3-redirect line says
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text(PAGE)
+    bed.start_nginx(www)
+    etc = Path("/etc/netns") / bed.client.netns  # `ip netns exec` mounts these files over /etc's
+    etc.mkdir(parents=True)
+    bed.topo.add_cleanup(lambda: shutil.rmtree(etc, ignore_errors=True))
+    (etc / "hosts").write_text(f"127.0.0.1 localhost\n{bed.origins[0]} example.org\n")
+    here = tmp_path / "experiment2"
+    here.mkdir()
+    env = clean_env({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+
+    def start(host: Host, line: str, name: str) -> tuple[subprocess.Popen[str], Path]:
+        out = here / f"{name}.out"
+        with out.open("w") as f:
+            proc = host.popen(["bash", "-c", f"exec {line}"], cwd=here, env=env, stdout=f, stderr=subprocess.STDOUT)
+        return proc, out
+
+    def carried() -> int:
+        return len(re.findall(rf"conn \d+ to {re.escape(bed.origins[0])}:80 ended: fin", rp_out.read_text()))
+
+    rp, rp_out = start(bed.rp_host, rp_command, "rp")
+    wait_for(lambda: "listening on" in rp_out.read_text(), "the RP to listen")
+    lp: subprocess.Popen[str] | None = None
+    for i, written in enumerate(lines):
+        line = written.replace("RP_IP", bed.t.rp_ip)
+        before = carried()
+        if line.startswith("twistd "):
+            if lp is not None:  # "stop the SOCKS-mode LP first"
+                lp.terminate()
+                lp.wait(10)
+            lp, lp_out = start(bed.client, line, f"lp{i}")
+            try:
+                wait_for(lambda out=lp_out: bool(re.search(r"session \d+ up", out.read_text())), "")  # type: ignore[misc]
+            except AssertionError:
+                raise AssertionError(f"`{written}` opened no session; it said:\n{lp_out.read_text()[-2000:]}") from None
+            continue
+        if line.startswith("chromium "):
+            profile = here / "chromium-profile"
+            line = line.replace(" http", f" {CHROMIUM_CI_FLAGS.format(dir=profile)} http", 1)
+        done = bed.client.run(["bash", "-c", f"cd {here} && {line}"], check=False, timeout=90, env=env)
+        assert done.returncode == 0, f"`{written}`: exit {done.returncode}: {done.stderr[-2000:]}"
+        if line.startswith(("curl ", "chromium ")):
+            assert "Experiment 2 page, through TM3" in done.stdout, f"`{written}`: {done.stdout[-2000:]}"
+            wait_for(lambda n=before: carried() > n, f"the RP's line for `{written}`")  # type: ignore[misc]
+    assert rp.poll() is None and lp is not None and lp.poll() is None
