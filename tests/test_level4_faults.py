@@ -245,8 +245,8 @@ FAULT_PORTS = (80, 443, CLOSED_PORT, SERVER_PORT)
 
 #: A raw TCP client for the client host: connects (to the address itself, so
 #: the redirect rules apply, or through the LP's SOCKS5), sends a request,
-#: reads until EOF, a reset, or ``abort_after`` bytes (then closes with
-#: SO_LINGER 0: a RST), and prints what happened as JSON.
+#: waits ``wait`` seconds, reads until EOF, a reset, or ``abort_after`` bytes
+#: (then closes with SO_LINGER 0: a RST), and prints what happened as JSON.
 PROBE = r"""
 import hashlib, json, socket, struct, sys, time
 a = json.loads(sys.argv[1])
@@ -274,19 +274,20 @@ try:
         s.connect((a["host"], a["port"]))
     out["connected"] = time.monotonic() - started
     s.sendall(a["send"].encode())
+    time.sleep(a["wait"])
     while True:
-        data = s.recv(1 << 16)
-        if not data:
-            out["outcome"] = "eof"
-            break
-        digest.update(data)
-        out["bytes"] += len(data)
         if a["abort_after"] is not None and out["bytes"] >= a["abort_after"]:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             out["aborted_at"] = time.monotonic()
             s.close()
             out["outcome"] = "aborted"
             break
+        data = s.recv(1 << 16)
+        if not data:
+            out["outcome"] = "eof"
+            break
+        digest.update(data)
+        out["bytes"] += len(data)
 except ConnectionResetError:
     out["outcome"] = "reset"
 except socket.timeout:
@@ -306,6 +307,7 @@ def probe_argv(
     *,
     socks: bool = False,
     send: str = "GET / HTTP/1.0\r\n\r\n",
+    wait: float = 0,
     abort_after: int | None = None,
     timeout: float = 20,
 ) -> list[str]:
@@ -314,6 +316,7 @@ def probe_argv(
         "port": port,
         "socks": SOCKS_PORT if socks else 0,
         "send": send,
+        "wait": wait,
         "abort_after": abort_after,
         "timeout": timeout,
     }
@@ -431,7 +434,8 @@ def test_remote_connect_refused(make_level4: Callable[..., Level4], site: Site) 
 
 def test_destination_never_answers(make_level4: Callable[..., Level4], site: Site) -> None:
     """A destination whose packets are dropped: the client is reset when the
-    RP's --connect-timeout expires, not earlier and not much later."""
+    RP's --connect-timeout expires, not earlier and not much later; a client
+    that gives up first (a RST) makes the RP drop its connect at once."""
     bed = up(make_level4, site, None, "--connect-timeout", f"{CONNECT_TIMEOUT:g}")
     bed.redirect(True, FAULT_PORTS)
     origin = bed.origins[1]
@@ -450,7 +454,15 @@ def test_destination_never_answers(make_level4: Callable[..., Level4], site: Sit
     assert int(dropped) >= 2  # the RP's SYNs got there, and nothing answered
     assert bed.rp is not None
     assert bed.rp.log().count(f"connect to {origin}:{CLOSED_PORT} failed") == 2
-    check_clean(bed, ledger, 2)
+
+    result = probe(bed, origin, CLOSED_PORT, wait=0.5, abort_after=0)
+    assert result["outcome"] == "aborted", result
+    wait_for(lambda: not carried_sockets(bed), "the RP to drop its connect", 2)
+    lag = time.monotonic() - result["aborted_at"]
+    print(f"client gave up (RST) while the RP connected: the RP's connect dropped within {lag * 1000:.0f} ms")
+    assert lag < 1.0
+    assert bed.rp.log().count(f"to {origin}:{CLOSED_PORT} ended: rst") == 1  # not connect-failed, 3 s in
+    check_clean(bed, ledger, 3)
 
 
 def rp_recv_queue(bed: Level4, peer: str) -> int | None:
