@@ -336,7 +336,7 @@ def probe(bed: Level4, host: str, port: int, **kwargs: Any) -> dict[str, Any]:
 #: close with SO_LINGER 0 (a RST). ``stream``: send until the socket fails,
 #: then report the error and when it came. Every report is a JSON line.
 SERVER = r"""
-import fcntl, hashlib, json, socket, struct, sys, termios, time
+import fcntl, hashlib, json, os, socket, struct, sys, termios, time
 a = json.loads(sys.argv[1])
 def say(**kw):
     print(json.dumps(kw), flush=True)
@@ -355,7 +355,7 @@ while True:
         c.sendall(head)
         left = a["body"]
         while left:
-            chunk = block[: min(left, len(block))]
+            chunk = os.urandom(min(left, len(block)))  # no period: a misplaced message would show
             c.sendall(chunk)
             digest.update(chunk)
             left -= len(chunk)
