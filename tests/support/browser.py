@@ -193,7 +193,7 @@ class Browser:
         # and aborts if its path passes sun_path's 108 bytes: pytest's directories are long.
         self._short_tmp: str | None = None
         tmpdir = str(workdir / "tmp")
-        if len(tmpdir) > 60:
+        if len(tmpdir) + len("/org.chromium.Chromium.XXXXXX/SingletonSocket") >= 108:
             self._short_tmp = tmpdir = tempfile.mkdtemp(prefix="tm3-browser-")
         options = {"socks": socks, "spki": spki_hash(trust) if trust is not None else None}
         env = {k: v for k, v in _driver_env().items() if k.lower() not in _PROXY_VARIABLES}
