@@ -47,6 +47,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -214,7 +215,11 @@ class Browser:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, name="browser-driver", daemon=True).start()
-        ready = self._answer(60)
+        try:
+            ready = self._answer(60)
+        except BaseException:
+            self.close()
+            raise
         self.version = str(ready.get("version", ""))
 
     def _read(self) -> None:
@@ -286,18 +291,25 @@ class Browser:
         )
 
     def close(self) -> None:
+        """Ask the driver to quit (it closes Chromium); kill its whole process
+        group (the driver, Playwright's node and Chromium) if it has not in 20 s."""
         if self.proc.poll() is None:
             try:
-                self._command(op="quit")
-            except (BrowserError, OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+            except OSError:
                 pass
             try:
-                self.proc.wait(15)
+                self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)  # popen made it a session (and group) leader
                 self.proc.wait(5)
         if self.proc.stdin is not None:
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         self._stderr.close()
         if self._short_tmp is not None:
             shutil.rmtree(self._short_tmp, ignore_errors=True)
