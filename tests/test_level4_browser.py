@@ -56,9 +56,7 @@ def _carried_by_origin(bed: Level4, site: Site) -> dict[str, int]:
     return {ip: bed.carried(ip) for ip in {o.origin for o in site.page_objects()}}
 
 
-def _check_complete(
-    bed: Level4, site: Site, scheme: str, load: PageLoad, records: list[AccessRecord], remote: str
-) -> None:
+def _check_complete(site: Site, scheme: str, load: PageLoad, records: list[AccessRecord], remote: str) -> None:
     """Every object of the page arrived whole, from the right origin, and
     nginx served every one of them to ``remote`` (the client itself without
     TM3, the RP with it) and to no one else."""
@@ -74,6 +72,8 @@ def _check_complete(
         if r.encoded_size != expected[r.name].size
     ]
     assert not wrong_size, f"bodies of the wrong size (name, got, expected): {wrong_size}"
+    cached = [r.name for r in load.resources if r.transfer_size <= r.encoded_size]
+    assert not cached, f"objects that did not come over the network: {cached}"
     assert load.document_size == site.page(scheme).size
     assert load.failed == (), f"failed requests: {load.failed}"
     assert load.errors == (), f"errors in the page: {load.errors}"
@@ -130,7 +130,7 @@ def test_page_loads_through_tm3(make_level4: Callable[..., Level4], tmp_path: Pa
             since, carried = len(bed.access_log()), bed.carried()
             load = browser.load(site.page_url(scheme), shots / f"direct-{scheme}.png")
             print(f"direct {scheme}: load event at {load.load_ms:.0f} ms")
-            _check_complete(bed, site, scheme, load, _new_records(bed, since), bed.t.client_ip)
+            _check_complete(site, scheme, load, _new_records(bed, since), bed.t.client_ip)
             assert bed.carried() == carried  # the reference did not go through TM3
     _check_screenshot(shots / "direct-https.png", shots / "direct-http.png")  # the two pages render alike
 
@@ -144,7 +144,7 @@ def test_page_loads_through_tm3(make_level4: Callable[..., Level4], tmp_path: Pa
             load = browser.load(site.page_url(scheme), shot)
             print(f"{mode} {scheme}: load event at {load.load_ms:.0f} ms")
             records = _new_records(bed, since)
-            _check_complete(bed, site, scheme, load, records, _rp_address(bed))
+            _check_complete(site, scheme, load, records, _rp_address(bed))
             _check_carried(bed, by_origin, records)
             _check_screenshot(shot, shots / f"direct-{scheme}.png")
             bed.settled()
