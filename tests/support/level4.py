@@ -51,7 +51,7 @@ http {{
     include /etc/nginx/mime.types;
     default_type application/octet-stream;
     types {{ video/mp4 mp4; }}
-    log_format tm3 '$remote_addr $server_addr:$server_port "$request" $status $body_bytes_sent "$http_range" $request_time';
+    log_format tm3 '$remote_addr $server_addr:$server_port "$request" $status $body_bytes_sent "$http_range" $request_time $connection';
     access_log {tmp}/nginx-access.log tm3;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
@@ -67,7 +67,7 @@ http {{
         ssl_certificate {cert};
         ssl_certificate_key {key};
         root {root};
-        location / {{ add_header Cache-Control "no-store"; }}
+        location / {{ add_header Cache-Control "no-store"; add_header Timing-Allow-Origin "*"; }}
     }}
 }}
 """
