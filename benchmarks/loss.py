@@ -24,7 +24,6 @@ namespaces, which are deleted on exit (also on errors and Ctrl-C).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import subprocess
@@ -33,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.level4 import Proxy
 from tests.support.netns import Host, TM3Topology, Topology, build_tm3_topology, netns_unavailable_reason
-from tests.support.processes import TWISTD
 
 SERVER_PORT = 5001
 LP_PORT = 7000
@@ -143,60 +142,23 @@ def run_client(host: Host, target: str, port: int, workload: str, timeout: float
     return res
 
 
-def start_tm3(t: TM3Topology, pipes: int, logdir: Path) -> list[subprocess.Popen[str]]:
-    rp_log, lp_log = logdir / f"rp-{pipes}.log", logdir / f"lp-{pipes}.log"
-    rp = t.rp.popen(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "-l",
-            str(rp_log),
-            "tm3rp",
-            "--pipes",
-            str(pipes),
-            "--listen",
-            f"tcp:{RP_PORT}:interface={t.rp_ip}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def start_tm3(t: TM3Topology, pipes: int, logdir: Path) -> list[Proxy]:
+    rp = Proxy(
+        t.rp,
+        logdir / f"rp-{pipes}.log",
+        ["tm3rp", "--pipes", str(pipes), "--listen", f"tcp:{RP_PORT}:interface={t.rp_ip}"],
     )
+    rp.start()
     t.rp.wait_for_port(RP_PORT, t.rp_ip, timeout=15)
-    lp = t.client.popen(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "-l",
-            str(lp_log),
-            "tm3lp",
-            "--remote",
-            f"{t.rp_ip}:{RP_PORT}",
-            "--pipes",
-            str(pipes),
-            "--forward",
-            f"tcp:{LP_PORT}:interface=127.0.0.1:{t.server_ip}:{SERVER_PORT}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    lp = Proxy(
+        t.client,
+        logdir / f"lp-{pipes}.log",
+        ["tm3lp", "--remote", f"{t.rp_ip}:{RP_PORT}", "--pipes", str(pipes),
+         "--forward", f"tcp:{LP_PORT}:interface=127.0.0.1:{t.server_ip}:{SERVER_PORT}"],
+    )  # fmt: skip
+    lp.start()
     t.client.wait_for_port(LP_PORT, timeout=15)
     return [rp, lp]
-
-
-def stop(procs: list[subprocess.Popen[str]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=5)
 
 
 def fmt(r: dict[str, object] | None, workload: str) -> str:
@@ -242,7 +204,7 @@ def main() -> int:
 
         paths: list[tuple[str, int | None]] = [("direct", None)] + [(f"tm3 {n}p", n) for n in args.pipes]
         for name, pipes in paths:
-            procs: list[subprocess.Popen[str]] = []
+            procs: list[Proxy] = []
             try:
                 if pipes is None:
                     target, port = t.server_ip, SERVER_PORT
@@ -264,12 +226,13 @@ def main() -> int:
                             file=sys.stderr,
                             flush=True,
                         )
-                        if pipes is not None and any(p.poll() is not None for p in procs):
+                        if pipes is not None and any(p.proc is None or p.proc.poll() is not None for p in procs):
                             print(f"  {name}: a proxy exited; logs in {logdir}", file=sys.stderr)
                             break
             finally:
                 set_loss(t, 0)
-                stop(procs)
+                for proxy in procs:
+                    proxy.stop()
 
     print()
     print(

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.level4 import Proxy
 from tests.support.netns import TM3Topology
-from tests.support.processes import TWISTD, wait_for
+from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -56,27 +57,17 @@ def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untype
     t.server.wait_for_port(TESTPORT, t.server_ip)
     t.server.wait_for_port(HTTPPORT, t.server_ip)
 
-    rp_log, lp_log = tmp_path / "rp.log", tmp_path / "lp.log"
-    t.rp.popen(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "-l",
-            str(rp_log),
-            "tm3rp",
-            "--pipes",
-            "4",
-            "--listen",
-            f"tcp:6000:interface={t.rp_ip}",
-        ]
+    rp = Proxy(t.rp, tmp_path / "rp.log", ["tm3rp", "--pipes", "4", "--listen", f"tcp:6000:interface={t.rp_ip}"])
+    rp.start()
+    wait_for(lambda: "listening on" in rp.log(), "the RP to listen")
+    lp = Proxy(
+        t.client,
+        tmp_path / "lp.log",
+        ["tm3lp", "--pipes", "4", "--remote", f"{t.rp_ip}:6000", "--transparent", f"tcp:{LP_PORT}"],
     )
-    wait_for(lambda: "listening on" in read(rp_log), "the RP to listen")
-    t.client.popen(
-        [TWISTD, "-n", "--pidfile=", "-l", str(lp_log), "tm3lp", "--pipes", "4", "--remote", f"{t.rp_ip}:6000",
-         "--transparent", f"tcp:{LP_PORT}"]
-    )  # fmt: skip
-    wait_for(lambda: "session 1 up" in read(lp_log), "the LP's pipes to come up")
+    lp.start()
+    wait_for(lambda: "session 1 up" in lp.log(), "the LP's pipes to come up")
+    rp_log, lp_log = rp.log_path, lp.log_path
     return t, rp_log, lp_log, hashlib.sha256(blob).hexdigest()
 
 
