@@ -54,7 +54,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -442,13 +443,26 @@ class _Driver:
         page.on("pageerror", lambda e: errors.append(str(e)))
         return failed, requests, errors, aborted
 
-    def load(self, url: str, screenshot: str | None, timeout: float) -> dict[str, Any]:
+    @contextmanager
+    def opened(
+        self, url: str, timeout: float
+    ) -> Iterator[tuple[Any, float, list[str], list[Any], list[str], list[str]]]:
+        """A fresh context with ``url`` loaded in a watched page: yields the
+        page, when it started, and the failed requests, requests, page errors
+        and aborted media requests seen so far (lists that keep growing);
+        the context is closed on the way out."""
         start = time.monotonic()
         context = self.context()
         try:
             page = context.new_page()
             failed, requests, errors, aborted = self.watch(page, start)
             page.goto(url, wait_until="load", timeout=timeout * 1000)
+            yield page, start, failed, requests, errors, aborted
+        finally:
+            context.close()
+
+    def load(self, url: str, screenshot: str | None, timeout: float) -> dict[str, Any]:
+        with self.opened(url, timeout) as (page, _, failed, requests, errors, aborted):
             nav = page.evaluate("() => performance.getEntriesByType('navigation')[0].toJSON()")
             resources = page.evaluate(_RESOURCES_JS)
             marks = page.evaluate(_MARKS_JS)
@@ -456,8 +470,6 @@ class _Driver:
                 decoded = page.evaluate(_DECODE_JS)
                 errors += [f"image {i}: {d}" for i, d in enumerate(decoded) if d != "ok"]
                 page.screenshot(path=screenshot, full_page=True, animations="disabled", caret="hide")
-        finally:
-            context.close()
         return {
             "load_ms": nav["loadEventEnd"],
             "dom_content_loaded_ms": nav["domContentLoadedEventEnd"],
@@ -470,12 +482,7 @@ class _Driver:
         }
 
     def video(self, url: str, rate: float, play_to: float, seek_margin: float, timeout: float) -> dict[str, Any]:
-        start = time.monotonic()
-        context = self.context()
-        try:
-            page = context.new_page()
-            failed, requests, errors, aborted = self.watch(page, start)
-            page.goto(url, wait_until="load", timeout=timeout * 1000)
+        with self.opened(url, timeout) as (page, start, failed, requests, errors, aborted):
             video = page.locator("#v")
             video.evaluate("v => new Promise(ok => v.readyState >= 2 ? ok() : v.addEventListener('loadeddata', ok))")
             played = time.monotonic()
@@ -497,8 +504,6 @@ class _Driver:
             )
             seek_s = time.monotonic() - seek_at
             after = video.evaluate(_STATE_JS)
-        finally:
-            context.close()
         return {
             "before_seek": before,
             "after_seek": after,
