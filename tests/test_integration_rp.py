@@ -34,7 +34,7 @@ from tests.support.servers import twisted_buffered, was_reset
 from tests.support.waiting import sleep, steady, until, with_timeout
 from tm3.core import wire
 from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
-from tm3.mux.pipes import EARLY_READ_LIMIT, MAX_EARLY_BYTES
+from tm3.mux.pipes import EARLY_READ_LIMIT, MAX_EARLY_BYTES, TCP_NOTSENT_LOWAT
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -575,9 +575,18 @@ async def test_download_backpressure_bounds_what_the_rp_reads(env: Env) -> None:
     conn = session.conns[1]
     assert conn.read_paused and rp.stats.download_pauses >= 1
     pipes = session.pipes.pipes
-    # What the RP holds in user space: the pipes' transport buffers and outboxes.
-    rp_held = sum(twisted_buffered(p.transport) + p.outbox_bytes for p in pipes)
-    assert rp_held <= len(pipes) * 192 * KiB, f"the RP holds {rp_held} bytes for paused pipes"
+    # What the RP holds in user space: the pipes' transport buffers (a batch
+    # each at most: late binding) and the connection's queue.
+    rp_held = sum(twisted_buffered(p.transport) for p in pipes) + session.outbound.queued
+    assert rp_held <= len(pipes) * 32 * KiB + 256 * KiB + 64 * KiB, f"the RP holds {rp_held} bytes for paused pipes"
+    # And the kernel keeps little unsent on each pipe (TCP_NOTSENT_LOWAT, 32
+    # KiB, may be passed by one write's last segment burst): what is not yet
+    # on the wire is still in user space, free to take another pipe.
+    for p in pipes:
+        sock = p.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == 32 * KiB
+        info = p.tcp_info()
+        assert info is not None and info.notsent <= 32 * KiB + 64 * KiB, (p.name, info)
     # What it read from the server but the LP has not taken: that, plus what
     # the kernel buffers of the pipes hold.
     kernel = sum(sockbuf(p.transport, socket.SO_SNDBUF) for p in pipes)

@@ -23,6 +23,7 @@ from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Message, Syn, encode_data, encode_syn
 from tm3.lp.clients import RESET_FLUSH_LIMIT, RESET_FLUSH_POLL
 from tm3.lp.socks import reply
+from tm3.mux.connection import OutControl
 from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
 
 KiB = 1024
@@ -167,17 +168,17 @@ def test_forward_client_gets_a_syn_seq_0_then_its_data_as_data_seq_1_on() -> Non
     assert lp.session.conns[0].life.state is State.OPEN
 
 
-def test_client_data_is_cut_at_max_payload_and_spread_over_the_pipes() -> None:
+def test_client_data_is_cut_at_max_payload_and_goes_in_one_batch() -> None:
     lp = LP(n=2, max_payload=5)
     lp.up()
     client, _ = lp.accept()
     client.dataReceived(b"abcdefghijkl")
     per_pipe = lp.received(by_pipe=True)
     assert per_pipe == [
-        [Syn(0, 0, HOST, PORT), Data(0, 2, b"fghij")],
-        [Data(0, 1, b"abcde"), Data(0, 3, b"kl")],
+        [Syn(0, 0, HOST, PORT), Data(0, 1, b"abcde"), Data(0, 2, b"fghij"), Data(0, 3, b"kl")],
+        [],
     ]
-    assert [t.write_sequences for _, t in lp.pipes] == [1, 1]  # one write per pipe per turn
+    assert [t.write_sequences for _, t in lp.pipes] == [1, 0]  # one write: the turn's batch
 
 
 def test_socks_client_gets_the_syn_after_its_connect_request_then_the_success_reply() -> None:
@@ -559,6 +560,7 @@ def test_rp_seq_wraps_at_2_32_and_so_does_ours() -> None:
     session = lp.up()
     client, transport = lp.accept()
     conn = session.conns[0]
+    lp.reactor.advance(0)  # the SYN takes its sequence number when it goes out
     conn.rx.next_seq = 2**32 - 1
     conn.tx_seq = 2**32 - 1
     lp.send(Data(0, 0, b"b"), Data(0, 2**32 - 1, b"a"))
@@ -573,27 +575,35 @@ def test_rp_seq_wraps_at_2_32_and_so_does_ours() -> None:
 # -- backpressure ---------------------------------------------------------------------------
 
 
-def test_every_pipe_blocked_pauses_the_clients_that_send_until_one_resumes() -> None:
-    lp = LP(n=2)
+def test_a_client_that_queues_past_send_queue_is_paused_alone_until_half_has_gone() -> None:
+    """Late binding: bytes wait in user space while no pipe can send; a
+    client whose queue passes --send-queue stops being read, the others go
+    on, and it reads again once the pipes have taken half."""
+    lp = LP(n=2, send_queue=64 * 1024)
     session = lp.up()
-    (a, ta), (b, tb), (c, tc) = [lp.accept() for _ in range(3)]
+    (a, ta), (b, tb) = [lp.accept() for _ in range(2)]
+    lp.received()
+    for _, t in lp.pipes:
+        t.producer.pauseProducing()  # neither pipe can send
+    a.dataReceived(b"a" * 65536)
+    assert ta.producerState == "producing"  # at the limit, not past it
     a.dataReceived(b"a")
-    b.dataReceived(b"b")
-    lp.pipes[0][1].producer.pauseProducing()
-    assert (ta.producerState, tb.producerState) == ("producing", "producing")
-    lp.pipes[1][1].producer.pauseProducing()
-    assert (ta.producerState, tb.producerState, tc.producerState) == ("paused", "paused", "producing")
+    assert (ta.producerState, tb.producerState) == ("paused", "producing")
     assert lp.stats.download_pauses == 1
-    c.dataReceived(b"c")  # a quiet client is paused as soon as it sends; nothing is lost
-    assert tc.producerState == "paused"
-    _, td = lp.accept()  # a client accepted now starts paused (its SYN still goes)
-    assert td.producerState == "paused"
-    lp.pipes[0][1].producer.resumeProducing()
-    assert [t.producerState for t in (ta, tb, tc, td)] == ["producing"] * 4
-    assert session.outbound.paused == set()
-    sent = lp.received()
-    assert [m for m in sent if type(m) is Data] == [Data(0, 1, b"a"), Data(1, 1, b"b"), Data(2, 1, b"c")]
-    assert Syn(3, 0, HOST, PORT) in sent
+    b.dataReceived(b"b")
+    assert tb.producerState == "producing"
+    assert lp.received() == []  # nothing is bound to a pipe that cannot send
+    lp.pipes[0][1].producer.resumeProducing()  # the gate reopens: one batch
+    assert ta.producerState == "paused" and session.conns[0].out_bytes > 32 * 1024
+    lp.reactor.advance(0)  # this test's pipe never closes its gate: more batches
+    assert [t.producerState for t in (ta, tb)] == ["producing"] * 2
+    sent = [m for pipe in lp.received(by_pipe=True) for m in pipe]  # in the order written
+    assert b"".join(m.payload for m in sent if type(m) is Data and m.conn_id == 0) == b"a" * 65537
+    assert [m for m in sent if type(m) is Data and m.conn_id == 1] == [Data(1, 1, b"b")]
+    # The least-served connection went first: b's byte before most of a's.
+    order = [m.conn_id for m in sent if type(m) is Data]
+    assert order.index(1) < order.count(0) // 2
+    assert session.outbound.queued == 0
 
 
 def test_a_client_that_does_not_read_stops_every_pipe_past_its_ceiling(logs: LogCapture) -> None:
@@ -908,6 +918,13 @@ def test_any_interleaving_keeps_the_life_cycle(story) -> None:  # type: ignore[n
         fins = [m.reason for m in lp_sent[cid] if type(m) is Fin]
         return fins[0] if fins else None
 
+    def fin_of(cid: int) -> int | None:
+        """The FIN sent, or queued for when a pipe can take it (late binding)."""
+        out = conns[cid].out
+        if out and type(out[-1]) is OutControl and not out[-1].syn:
+            return out[-1].reason
+        return sent_fin(cid)
+
     def collect() -> None:
         for m in lp.received():
             lp_sent[m.conn_id].append(m)
@@ -939,7 +956,7 @@ def test_any_interleaving_keeps_the_life_cycle(story) -> None:  # type: ignore[n
         conn = conns[cid]
         if lost[cid]:
             continue
-        was_over, had_fin = conn.life.over, sent_fin(cid)
+        was_over, had_fin = conn.life.over, fin_of(cid)
         reading = not transport.disconnecting and transport.producerState == "producing"
         if kind == "data" and reading and not eof[cid]:
             client.dataReceived(payload)
@@ -949,14 +966,14 @@ def test_any_interleaving_keeps_the_life_cycle(story) -> None:  # type: ignore[n
             client.readConnectionLost()
             collect()
             if not was_over and had_fin is None:
-                assert sent_fin(cid) == 0x88
+                assert fin_of(cid) == 0x88
         elif kind == "reset" and not transport.disconnecting:
             lost[cid] = reset[cid] = True
             LP.reset(client)
             collect()
             if not was_over and had_fin is None:
-                assert sent_fin(cid) == 0x99
-            assert conn.life.over or sent_fin(cid) == 0x88
+                assert fin_of(cid) == 0x99
+            assert conn.life.over or fin_of(cid) == 0x88
         elif kind == "closed" and transport.disconnecting:
             lost[cid] = True
             LP.closed(client)

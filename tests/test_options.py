@@ -122,6 +122,12 @@ BAD = [
     ("hello-wait", "0", "more than 0 and at most 60"),
     ("hello-wait", "soon", "more than 0 and at most 60"),
     ("handshake-timeout", "601", "more than 0 and at most 600"),
+    ("pipe-lowat", "4095", "4096..16777216"),
+    ("pipe-lowat", "17MiB", "4096..16777216"),
+    ("pipe-scheduler", "fastest", "delivery, rotation"),
+    ("send-order", "random", "least-served, arrival"),
+    ("send-queue", "63KiB", "65536..1073741824"),
+    ("total-send-queue", "1023KiB", "1048576..17179869184"),
 ]
 
 

@@ -18,7 +18,8 @@ from tests.support.rp_harness import RP
 from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
 from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
-from tm3.mux.pipes import EARLY_READ_LIMIT, FLUSH_THRESHOLD, MAX_EARLY_BYTES
+from tm3.mux.outbound import OUT_CHUNK_OVERHEAD
+from tm3.mux.pipes import EARLY_READ_LIMIT, MAX_EARLY_BYTES
 from tm3.rp.orphans import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
 from tm3.rp.service import PENDING_TIMEOUT
 
@@ -154,14 +155,14 @@ def test_a_pipe_blocked_while_pending_starts_blocked() -> None:
     rp.pipes[0][1].producer.pauseProducing()  # its buffer filled while pending
     rp.pipes.append(rp.add_pipe())
     session = rp.session
-    assert session.pipes.unblocked == 1
+    assert [p.blocked for p in session.pipes.pipes] == [True, False]
     t0 = rp.pipes[0][1]
     proto, _ = open_conn(rp)
     for i in range(3):
         proto.dataReceived(b"%d" % i)
     assert [[m.seq for m in p] for p in rp.sent_per_pipe()] == [[], [0, 1, 2]]
     t0.producer.resumeProducing()
-    assert session.pipes.unblocked == 2
+    assert [p.blocked for p in session.pipes.pipes] == [False, False]
 
 
 def test_a_pending_pipe_that_closes_leaves_the_set() -> None:
@@ -517,130 +518,115 @@ def test_connect_failure_after_lp_fin_still_sends_rst() -> None:
 # -- pipe selection and download backpressure -----------------------------------
 
 
-def test_messages_are_spread_round_robin_over_unpaused_pipes() -> None:
-    rp = RP(n=3)
+def test_each_turn_s_batch_goes_to_the_next_pipe_that_can_send() -> None:
+    """Rotation: what waits at the end of a turn goes out as one batch, on
+    the next pipe in turn that can send; a blocked pipe is passed over."""
+    rp = RP(n=3, pipe_scheduler="rotation")
     rp.up()
     proto, _ = open_conn(rp)
-    for i in range(6):
+    seqs = []
+    for i in range(3):
         proto.dataReceived(b"%d" % i)
-    per = rp.sent_per_pipe()
-    assert [[m.seq for m in p] for p in per] == [[0, 3], [1, 4], [2, 5]]
+        proto.dataReceived(b"%d" % i)
+        seqs.append([[m.seq for m in p] for p in rp.sent_per_pipe()])
+    assert seqs == [[[0, 1], [], []], [[], [2, 3], []], [[], [], [4, 5]]]
     rp.pipes[1][1].producer.pauseProducing()
-    for i in range(6, 10):
-        proto.dataReceived(b"%d" % i)
-    per = rp.sent_per_pipe()
-    assert [[m.seq for m in p] for p in per] == [[6, 8], [], [7, 9]]
-    assert proto.transport.producerState == "producing"
+    for _ in range(2):
+        proto.dataReceived(b"x")
+        seqs.append([[m.seq for m in p] for p in rp.sent_per_pipe()])
+    assert seqs[3:] == [[[6], [], []], [[], [], [7]]]
+    assert [t.write_sequences for _, t in rp.pipes] == [2, 1, 2]  # one write per batch
 
 
-def test_all_pipes_paused_pauses_the_senders_until_one_resumes() -> None:
+def test_nothing_is_bound_to_a_pipe_that_cannot_send() -> None:
+    """Late binding: while every pipe is blocked, messages wait unframed (no
+    sequence number yet); the first pipe that reopens takes a batch at once."""
     rp = RP(n=2)
     session = rp.up()
+    proto, _ = open_conn(rp)
+    for _, t in rp.pipes:
+        t.producer.pauseProducing()
+    proto.dataReceived(b"abc")
+    assert rp.sent() == [] and session.conns[3].tx_seq == 0
+    assert session.outbound.queued == 3 + OUT_CHUNK_OVERHEAD
+    rp.pipes[1][1].producer.resumeProducing()
+    assert rp.pipes[1][1].new_messages() == [Data(3, 0, b"abc")]  # in the reopening, not a turn later
+    assert session.outbound.queued == 0
+
+
+def test_a_socket_that_queues_past_send_queue_is_paused_alone() -> None:
+    rp = RP(n=2, send_queue=64 * 1024)
+    rp.up()
     a, ta = open_conn(rp, cid=1)
     b, tb = open_conn(rp, cid=2)
-    c, tc = open_conn(rp, cid=3)
-    a.dataReceived(b"a")
-    b.dataReceived(b"b")
-    rp.pipes[0][1].producer.pauseProducing()
-    assert (ta.producerState, tb.producerState) == ("producing", "producing")
-    rp.pipes[1][1].producer.pauseProducing()
-    assert (ta.producerState, tb.producerState, tc.producerState) == ("paused", "paused", "producing")
+    for _, t in rp.pipes:
+        t.producer.pauseProducing()
+    a.dataReceived(b"a" * 65537)
+    b.dataReceived(b"b" * 100)
+    assert (ta.producerState, tb.producerState) == ("paused", "producing")
     assert rp.mux.stats.download_pauses == 1
-    # A quiet connection is paused as soon as it sends; its data is not lost.
-    c.dataReceived(b"c")
-    assert tc.producerState == "paused"
-    # A connection that opens while every pipe is blocked starts paused.
+    # A connection that opens now is read as usual: the session is under its limit.
     rp.send(Syn(4, 0, HOST, PORT))
     _, td = rp.accept()
-    assert td.producerState == "paused"
+    assert td.producerState == "producing"
     rp.pipes[1][1].producer.resumeProducing()
-    assert [t.producerState for t in (ta, tb, tc, td)] == ["producing"] * 4
-    assert session.outbound.paused == set()
-    assert rp.sent() == [Data(1, 0, b"a"), Data(2, 0, b"b"), Data(3, 0, b"c")]
+    rp.flush()
+    assert [t.producerState for t in (ta, tb, td)] == ["producing"] * 3
+    sent = rp.sent()
+    assert b"".join(m.payload for m in sent if type(m) is Data and m.conn_id == 1) == b"a" * 65537
 
 
-def test_a_broad_burst_while_blocked_pauses_every_socket_at_once() -> None:
-    """One read per quiet socket is the lazy bound; past 1 MiB of such reads
-    while every pipe is blocked, all sockets stop at once."""
+def test_past_total_send_queue_a_socket_is_paused_when_it_sends_and_a_broad_burst_pauses_all() -> None:
+    """The session's limit is lazy: a socket is paused when it brings a read
+    while the session is over it; past 1 MiB of such reads, all sockets stop
+    at once. All read again once half the queue has gone."""
     from tm3.mux.outbound import OVERDRAFT_LIMIT
 
-    rp = RP(n=1)
+    rp = RP(n=1, total_send_queue=256 * 1024, send_queue=1024 * 1024)
     session = rp.up()
     conns = [open_conn(rp, cid=i) for i in range(1, 41)]
     rp.pipes[0][1].producer.pauseProducing()
     chunk = b"x" * 65536
-    burst = OVERDRAFT_LIMIT // len(chunk) + 1  # the read that crosses the limit
-    for proto, _ in conns[:burst]:
+    first_over = -(-256 * 1024 // (len(chunk) + OUT_CHUNK_OVERHEAD))  # the read that crosses the limit
+    for proto, _ in conns[: first_over - 1]:
         proto.dataReceived(chunk)
-    states = [t.producerState for _, t in conns]
-    assert states[:burst] == ["paused"] * burst
-    assert states[burst:] == ["paused"] * (len(conns) - burst), "quiet sockets were left reading"
+    assert [t.producerState for _, t in conns] == ["producing"] * len(conns)
+    conns[first_over - 1][0].dataReceived(chunk)
+    assert session.outbound.over and conns[first_over - 1][1].producerState == "paused"
+    assert conns[first_over][1].producerState == "producing"  # quiet sockets are left alone
+    burst = OVERDRAFT_LIMIT // len(chunk) + 1
+    for proto, _ in conns[first_over : first_over + burst]:
+        proto.dataReceived(chunk)
+    assert [t.producerState for _, t in conns] == ["paused"] * len(conns)
     assert session.outbound.paused_all
     rp.pipes[0][1].producer.resumeProducing()
+    rp.flush()
     assert [t.producerState for _, t in conns] == ["producing"] * len(conns)
-    assert session.outbound.overdraft == 0 and not session.outbound.paused_all
-
-
-def test_a_few_reads_while_blocked_leave_quiet_sockets_alone() -> None:
-    rp = RP(n=1)
-    rp.up()
-    conns = [open_conn(rp, cid=i) for i in range(1, 5)]
-    rp.pipes[0][1].producer.pauseProducing()
-    conns[0][0].dataReceived(b"x" * 65536)
-    assert [t.producerState for _, t in conns] == ["paused", "producing", "producing", "producing"]
+    assert not session.outbound.over and not session.outbound.paused_all and session.outbound.queued == 0
 
 
 def test_pause_and_resume_are_idempotent() -> None:
     rp = RP(n=2)
     rp.up()
-    a, ta = open_conn(rp)
-    a.dataReceived(b"a")
     for _ in range(2):
         rp.pipes[0][1].producer.pauseProducing()
-        rp.pipes[1][1].producer.pauseProducing()
-    assert ta.producerState == "paused"
-    rp.pipes[0][1].producer.resumeProducing()
-    rp.pipes[0][1].producer.resumeProducing()
-    assert ta.producerState == "producing"
-    rp.pipes[0][1].producer.pauseProducing()
-    assert rp.session.pipes.unblocked == 0
-    rp.pipes[1][1].producer.resumeProducing()
-    assert rp.session.pipes.unblocked == 1
+    assert [p.blocked for p in rp.session.pipes.pipes] == [True, False]
+    for _ in range(2):
+        rp.pipes[0][1].producer.resumeProducing()
+    assert rp.session.pipes.can_take and not rp.session.pipes.pipes[0].blocked
 
 
-def test_messages_for_one_pipe_in_one_turn_go_out_in_one_write() -> None:
-    rp = RP(n=2)
+def test_a_batch_is_at_most_pipe_lowat_and_the_rest_follows() -> None:
+    rp = RP(n=1, pipe_lowat=16 * 1024)
     rp.up()
     proto, _ = open_conn(rp)
-    for i in range(10):
-        proto.dataReceived(b"x%d" % i)
-    assert [t.write_sequences for _, t in rp.pipes] == [0, 0]
-    assert [t.value() for _, t in rp.pipes] == [b"", b""]
-    rp.flush()
-    assert [t.write_sequences for _, t in rp.pipes] == [1, 1]
-    assert rp.pipes[0][1].value() == b"".join(encode_data(3, i, b"x%d" % i) for i in range(0, 10, 2))
-    assert rp.pipes[1][1].value() == b"".join(encode_data(3, i, b"x%d" % i) for i in range(1, 10, 2))
-    rp.flush()
-    assert [t.write_sequences for _, t in rp.pipes] == [1, 1]
-
-
-def test_a_big_batch_is_written_before_the_end_of_the_turn() -> None:
-    rp = RP(n=1)
-    rp.up()
-    proto, _ = open_conn(rp)
-    pipe = rp.pipes[0][1]
-    per_message = 4096 + 8
-    needed = -(-FLUSH_THRESHOLD // per_message)  # messages to reach the threshold
-    for _ in range(needed - 1):
+    for _ in range(10):
         proto.dataReceived(b"y" * 4096)
-    assert pipe.write_sequences == 0
-    proto.dataReceived(b"y" * 4096)
-    assert pipe.write_sequences == 1
-    assert len(pipe.value()) == needed * per_message
-    proto.dataReceived(b"y" * 4096)
     rp.flush()
-    assert pipe.write_sequences == 2
-    assert len(pipe.value()) == (needed + 1) * per_message
+    pipe = rp.pipes[0][1]
+    # 4104-byte messages, a batch stops once it reaches 16 KiB: 4 + 4 + 2.
+    assert pipe.write_sequences == 3
+    assert len(pipe.value()) == 10 * (4096 + 8)
 
 
 # -- upload backpressure --------------------------------------------------------------

@@ -12,10 +12,16 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from tm3.core.handshake import load_key
+from tm3.core.schedule import DEFAULT_SHARE
 from tm3.core.wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
+from tm3.mux.pipes import PIPE_ORDERS
 from tm3.mux.settings import Settings
 from tm3.reactor import default_reactor
 from tm3.tls import BadTLSFile
+
+# --send-order: how often the longest-waiting connection is served instead of
+# the least-served one (tm3/core/schedule.py): 1 in 8, or always.
+SEND_ORDERS = {"least-served": DEFAULT_SHARE, "arrival": 1}
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
 
@@ -53,6 +59,12 @@ def parse_seconds(option: str, text: str, low: float, high: float) -> float:
     return value
 
 
+def parse_choice(option: str, text: str, choices: tuple[str, ...]) -> str:
+    if text not in choices:
+        raise usage.UsageError(f"--{option} must be one of {', '.join(choices)}, not {text!r}")
+    return text
+
+
 def check_range(option: str, value: int, low: int, high: int | None) -> None:
     if value < low or (high is not None and value > high):
         raise usage.UsageError(f"--{option} must be in {_accepted(low, high)}, not {value}")
@@ -84,6 +96,16 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["max-window", None, "16MiB", "v2: the most a connection's window grows to (--initial-window..1GiB)."],
     ["session-window", None, "64MiB", "v2: how far all connections' windows may grow past --initial-window "
      "together (0..64GiB)."],
+    ["pipe-lowat", None, "32KiB", "Late binding: unsent bytes the kernel may hold per pipe (TCP_NOTSENT_LOWAT), and "
+     "the batch a pipe is given when it can send (4KiB..16MiB)."],
+    ["pipe-scheduler", None, "delivery", "Which pipe gets a batch: 'delivery' (earliest expected delivery, from "
+     "TCP_INFO) or 'rotation' (round robin)."],
+    ["send-order", None, "least-served", "Which connection's bytes go next: 'least-served' (fewest bytes sent so "
+     "far, one pick in 8 for the longest waiting) or 'arrival' (the longest waiting)."],
+    ["send-queue", None, "256KiB", "Bytes one connection may queue for the pipes before its socket is paused "
+     "(64KiB..1GiB; payload + 64 B a read)."],
+    ["total-send-queue", None, "16MiB", "Bytes all connections may queue for the pipes before sockets are paused "
+     "(1MiB..16GiB; likewise)."],
     ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
     ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
 ]  # fmt: skip
@@ -99,6 +121,11 @@ def parse_tuning(config: usage.Options) -> None:
     config["initial-window"] = parse_size("initial-window", config["initial-window"], 4096, 1024**3)
     config["max-window"] = parse_size("max-window", config["max-window"], config["initial-window"], 1024**3)
     config["session-window"] = parse_size("session-window", config["session-window"], 0, 64 * 1024**3)
+    config["pipe-lowat"] = parse_size("pipe-lowat", config["pipe-lowat"], 4096, 16 * 1024**2)
+    config["pipe-scheduler"] = parse_choice("pipe-scheduler", config["pipe-scheduler"], PIPE_ORDERS)
+    config["send-order"] = parse_choice("send-order", config["send-order"], tuple(SEND_ORDERS))
+    config["send-queue"] = parse_size("send-queue", config["send-queue"], 64 * 1024, 1024**3)
+    config["total-send-queue"] = parse_size("total-send-queue", config["total-send-queue"], 1024**2, 16 * 1024**3)
     config["reorder-window"] = parse_size("reorder-window", config["reorder-window"], 1024**2, 16 * 1024**3)
     config["total-reorder-window"] = parse_size(
         "total-reorder-window", config["total-reorder-window"], 1024**2, 64 * 1024**3
@@ -117,6 +144,11 @@ def settings_from(config: usage.Options) -> Settings:
         session_window=config["session-window"],
         window_bytes=config["reorder-window"],
         total_window_bytes=config["total-reorder-window"],
+        pipe_lowat=config["pipe-lowat"],
+        pipe_scheduler=config["pipe-scheduler"],
+        send_share=SEND_ORDERS[config["send-order"]],
+        send_queue=config["send-queue"],
+        total_send_queue=config["total-send-queue"],
     )
 
 

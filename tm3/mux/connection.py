@@ -23,6 +23,17 @@ if TYPE_CHECKING:
     from tm3.mux.stream import StreamProtocol
 
 
+class OutControl:
+    """A SYN or FIN waiting in a connection's outbound queue: encoded with
+    the connection's next sequence number when it is bound to a pipe."""
+
+    __slots__ = ("syn", "reason")
+
+    def __init__(self, syn: bytes = b"", reason: int = 0) -> None:
+        self.syn = syn  # the encoded SYN (always seq 0), or b"" for a FIN
+        self.reason = reason  # the FIN's reason
+
+
 # Version 1 has no window: the send credit never runs out.
 UNLIMITED = 1 << 62
 
@@ -31,7 +42,7 @@ class Connection:
     __slots__ = (
         "conn_id", "host", "port", "started", "life", "stream",
         "rx", "queue", "queued", "shut_pending", "bytes_in",
-        "tx_seq", "read_paused", "bytes_out",
+        "tx_seq", "read_paused", "bytes_out", "out", "out_offset", "out_bytes", "served",
         "rwin", "credit", "credit_blocked", "backlog", "held_event",
         "__weakref__",
     )  # fmt: skip
@@ -61,10 +72,17 @@ class Connection:
         self.shut_pending = False  # half-close the socket once the queue is written
         self.bytes_in = 0  # payload from the pipes, written to the socket
         self.rwin = rwin  # version 2: what we let the peer send (and grant as the socket takes it)
-        # Outbound: bytes from the socket, framed onto the pipes.
+        # Outbound: bytes from the socket, queued until a pipe can send them
+        # (late binding), then framed: the sequence number is taken when a
+        # message is bound to a pipe, so what is dropped from the queue (a
+        # reset) leaves no gap.
         self.tx_seq = 0
-        self.read_paused = False  # because every pipe is blocked
-        self.bytes_out = 0
+        self.read_paused = 0  # why the socket is not read: PAUSE_* bits (outbound)
+        self.bytes_out = 0  # read from the socket
+        self.out: deque[bytes | OutControl] = deque()  # payload chunks, a SYN or FIN at the end
+        self.out_offset = 0  # how much of out[0] (payload) is already framed
+        self.out_bytes = 0  # payload queued in ``out``
+        self.served = 0  # payload bound to pipes (the scheduler's attained service)
         # Version 2: payload bytes the peer lets us send; what the socket
         # brought past that waits in the backlog (one read at most), with
         # the socket paused; its EOF or orderly close waits behind it.

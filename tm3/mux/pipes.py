@@ -4,16 +4,15 @@ them is gathered, and how messages are spread over them.
 - :class:`PipeProtocol` is one pipe. Until it belongs to a session it
   reports to the :class:`PipeGathering` that is collecting it and keeps what
   it receives (bounded) for the session; then it hands every byte to the
-  session, and batches what is written to it: all messages bound for one
-  pipe in one reactor turn go out in one ``writeSequence`` call.
+  session, and takes what the session writes a batch at a time (one
+  ``writeSequence`` call).
 - :class:`PipeGathering` collects exactly ``n`` pipes for one session, for
   both roles: the RP's pending set of accepted pipes, the LP's dial attempt.
-- :class:`PipeSet` is the scheduler over the ``n`` pipes of a session. Each
-  message goes whole to one pipe that is not blocked (round robin among the
-  unblocked ones); a pipe is blocked while its transport has paused the
-  pipe's :class:`~tm3.mux.flow.WriteGate`. When every pipe is blocked the
-  session is told, so it stops reading the application sockets; as soon as
-  one pipe resumes it is told again.
+- :class:`PipeSet` knows which of a session's ``n`` pipes can send now
+  (late binding: a pipe can take a batch only when its transport and the
+  kernel have little left unsent) and ranks them for a batch, by expected
+  delivery time from ``TCP_INFO`` or in rotation; the session's outbound
+  half (tm3/mux/outbound.py) decides what goes in the batch.
 """
 
 from __future__ import annotations
@@ -31,13 +30,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tm3.core.schedule import TCP_INFO_SIZE, TcpInfo, expected_delivery
 from tm3.core.wire import Decoder
 from tm3.mux.flow import WriteGate, abort_transport, register_producer
 
-# Write a pipe's batch at once when it grows past this, instead of waiting for
-# the end of the reactor turn, so the transport's own 64 KiB high-water mark
-# (and so the "blocked" verdict) is never more than one batch late.
-FLUSH_THRESHOLD = 64 * 1024
+# Late binding (PipeSet): the kernel's TCP_NOTSENT_LOWAT on every pipe, and
+# the size of the batch a pipe is given when it can send.
+DEFAULT_PIPE_LOWAT = 32 * 1024
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+# How a batch chooses among the pipes that can take it.
+DELIVERY_TIME = "delivery"
+ROTATION = "rotation"
+PIPE_ORDERS = (DELIVERY_TIME, ROTATION)
 # A pending pipe may receive bytes before the set is complete (a fast LP);
 # they are kept for the session. Past EARLY_READ_LIMIT the pipe is not read
 # until the set is complete (the kernel holds the rest, and a TCP transport
@@ -99,8 +103,6 @@ class PipeProtocol(Protocol):
         self.decoder = Decoder()
         self.gate = WriteGate(self._paused, self._resumed)
         self.pipe_set: PipeSet | None = None
-        self.outbox: list[bytes] = []
-        self.outbox_bytes = 0
         self.early: list[bytes] = []
         self.early_bytes = 0
         self.early_paused = False
@@ -185,7 +187,6 @@ class PipeProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False
-        self.outbox = []
         owner = self.owner
         if owner is not None:
             owner.pipe_lost(self, reason)
@@ -223,13 +224,49 @@ class PipeProtocol(Protocol):
     def blocked(self) -> bool:
         return self.gate.is_blocked
 
-    def flush(self) -> None:
-        if self.outbox:
-            outbox = self.outbox
-            self.outbox = []
-            self.outbox_bytes = 0
-            if self.connected_ and self.transport is not None:
-                self.transport.writeSequence(outbox)
+    def write_batch(self, batch: list[bytes]) -> None:
+        """Write one batch of encoded messages (one ``writeSequence``)."""
+        if self.connected_ and self.transport is not None:
+            self.transport.writeSequence(batch)
+
+    def late_binding(self, lowat: int) -> None:
+        """Tune the pipe for late binding: the kernel keeps at most about
+        ``lowat`` unsent bytes (``TCP_NOTSENT_LOWAT``), and the transport
+        closes the write gate on every write until it has drained."""
+        sock = self.socket()
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+            except OSError:
+                pass  # not Linux: the kernel buffer stays as it autotunes
+        transport: object = self.transport
+        for _ in range(3):  # under TLS, the TCP transport is the one that buffers
+            if hasattr(transport, "_isSendBufferFull") and hasattr(transport, "dataBuffer"):
+                # Twisted pauses a transport's producer once its buffer holds
+                # more than ``bufferSize``, which is also its read size and so
+                # cannot be 0 (twisted.internet.abstract.FileDescriptor): make
+                # every write pause it, so the gate reopens exactly when the
+                # buffer has gone to the kernel.
+                transport._isSendBufferFull = _always  # type: ignore[attr-defined]
+                break
+            transport = getattr(transport, "transport", None)
+            if transport is None:
+                break
+
+    def tcp_info(self) -> TcpInfo | None:
+        sock = self.socket() if self.connected_ else None
+        if sock is None:
+            return None
+        try:
+            return TcpInfo.parse(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE))
+        except (OSError, TypeError):
+            return None
+
+    def expected_delivery(self) -> float:
+        """When a byte handed to this pipe now should reach the peer (seconds;
+        0 without TCP_INFO, so such pipes rank by rotation alone)."""
+        info = self.tcp_info()
+        return 0.0 if info is None else expected_delivery(info, 0)
 
     def pause_reading(self) -> None:
         if self.connected_ and self.transport is not None:
@@ -266,7 +303,6 @@ class PipeProtocol(Protocol):
 
     def abort(self) -> None:
         """Close the pipe now: a dead session's backlog is worth nothing."""
-        self.outbox = []
         self.owner = None
         self.group = None
         self.greeter = None
@@ -283,6 +319,10 @@ class PipeProtocol(Protocol):
             self.pipe_set.pipe_resumed(self)
 
 
+def _always() -> bool:
+    return True
+
+
 def _keepalive(sock: socket.socket) -> None:
     """Probe an idle pipe so a peer that vanished (a crash, a NAT that
     forgot the mapping) ends the session within about a minute."""
@@ -296,89 +336,66 @@ def _keepalive(sock: socket.socket) -> None:
 
 
 class PipeSet:
-    """Spreads messages over a session's pipes and tracks which are blocked."""
+    """A session's pipes: which can take a batch now, and in what order.
+
+    A pipe can take a batch when its write gate is open: the transport has
+    handed everything to the kernel (any write closes the gate until the
+    transport's buffer has drained: :meth:`PipeProtocol.late_binding`), and, with
+    ``TCP_NOTSENT_LOWAT``, the kernel reports the socket writable only once
+    less than half of ``lowat`` bytes are still unsent. When a pipe's gate
+    opens, ``fill`` is called with it at once; :meth:`takers` lists the open
+    pipes, best first, for data that arrives while some are open.
+    """
 
     def __init__(
         self,
         pipes: Sequence[PipeProtocol],
         reactor: IReactorTime,
-        on_all_blocked: Callable[[], None],
-        on_unblocked: Callable[[], None],
+        fill: Callable[[PipeProtocol], None],
+        order: str = DELIVERY_TIME,
+        lowat: int = DEFAULT_PIPE_LOWAT,
     ) -> None:
+        if order not in PIPE_ORDERS:
+            raise ValueError(f"unknown pipe order {order!r}")
         self.pipes = list(pipes)
         self._reactor = reactor
-        self._on_all_blocked = on_all_blocked
-        self._on_unblocked = on_unblocked
+        self._fill = fill
+        self._by_delivery = order == DELIVERY_TIME
         self._next = 0
-        self._dirty: list[PipeProtocol] = []
-        self._flush_call: IDelayedCall | None = None
-        self.unblocked = 0
         self.reading_paused = False
         self._watch: LoopingCall | None = None
         for index, pipe in enumerate(self.pipes):
             pipe.pipe_set = self
             pipe.name = f"{pipe.name} (#{index})"
-            if not pipe.blocked:
-                self.unblocked += 1
+            pipe.late_binding(lowat)
 
     @property
-    def all_blocked(self) -> bool:
-        return self.unblocked == 0
+    def can_take(self) -> bool:
+        """Whether some pipe can take a batch now."""
+        for pipe in self.pipes:
+            if not pipe.gate.is_blocked:
+                return True
+        return False
 
-    def _pick(self) -> PipeProtocol:
+    def takers(self) -> list[PipeProtocol]:
+        """The pipes that can take a batch now, the best first: by expected
+        delivery time (ties, and pipes without TCP_INFO, in rotation), or in
+        rotation only."""
         pipes = self.pipes
         n = len(pipes)
-        i = self._next
-        if self.unblocked:
-            while pipes[i].gate.is_blocked:
-                i = i + 1 if i + 1 < n else 0
-        pipe = pipes[i]
-        self._next = i + 1 if i + 1 < n else 0
-        return pipe
-
-    def send(self, message: bytes) -> None:
-        """Queue one whole encoded message on one pipe."""
-        pipe = self._pick()
-        if not pipe.outbox:
-            self._mark_dirty(pipe)
-        pipe.outbox.append(message)
-        pipe.outbox_bytes += len(message)
-        if pipe.outbox_bytes >= FLUSH_THRESHOLD:
-            pipe.flush()
-
-    def send_data(self, header: bytes, payload: bytes) -> None:
-        """Queue a DATA message given as header and payload (no concatenation)."""
-        pipe = self._pick()
-        if not pipe.outbox:
-            self._mark_dirty(pipe)
-        outbox = pipe.outbox
-        outbox.append(header)
-        outbox.append(payload)
-        pipe.outbox_bytes += len(header) + len(payload)
-        if pipe.outbox_bytes >= FLUSH_THRESHOLD:
-            pipe.flush()
-
-    def _mark_dirty(self, pipe: PipeProtocol) -> None:
-        self._dirty.append(pipe)
-        if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self.flush)
-
-    def flush(self) -> None:
-        """Write every pipe's batch (normally once per reactor turn)."""
-        self._flush_call = None
-        dirty, self._dirty = self._dirty, []
-        for pipe in dirty:
-            pipe.flush()
+        start = self._next
+        self._next = start + 1 if start + 1 < n else 0
+        open_ = [pipes[(start + i) % n] for i in range(n) if not pipes[(start + i) % n].gate.is_blocked]
+        if self._by_delivery and len(open_) > 1:
+            estimates = {pipe: pipe.expected_delivery() for pipe in open_}
+            open_.sort(key=estimates.__getitem__)  # stable: rotation breaks ties
+        return open_
 
     def pipe_paused(self, pipe: PipeProtocol) -> None:
-        self.unblocked -= 1
-        if self.unblocked == 0:
-            self._on_all_blocked()
+        pass  # nothing to do: a closed gate is simply not offered batches
 
     def pipe_resumed(self, pipe: PipeProtocol) -> None:
-        self.unblocked += 1
-        if self.unblocked == 1:
-            self._on_unblocked()
+        self._fill(pipe)
 
     def pause_reading(self) -> None:
         if not self.reading_paused:
@@ -411,10 +428,6 @@ class PipeSet:
 
     def close(self) -> None:
         self._stop_watch()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        self._dirty = []
         for pipe in self.pipes:
             pipe.pipe_set = None
             pipe.abort()

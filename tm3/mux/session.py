@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from tm3.core.credit import ReceiveWindow, WindowBudget
 from tm3.core.lifecycle import Action, Event, State
 from tm3.core.wire import REASON_FIN, REASON_RST, Data, Message
-from tm3.mux.connection import Connection
+from tm3.mux.connection import Connection, OutControl
 from tm3.mux.inbound import Inbound
 from tm3.mux.outbound import Outbound
 from tm3.mux.pipes import PipeProtocol, PipeSet
@@ -170,8 +170,14 @@ class Session:
         self.inbound.conn_over(conn)
         self.stats.ended(conn.life.how)
         self._log_end(conn)
-        if not self.ended:
-            self.role.connection_over(conn)
+        if self.ended:
+            return
+        if not (conn.out and type(conn.out[-1]) is OutControl):
+            # The peer reset it before our end was queued: what waits is
+            # for no one. (Our FIN or reset, with what precedes it, still
+            # goes: the id is not reused before the peer has it, rule 7.)
+            self.outbound.drop_queue(conn)
+        self.role.connection_over(conn)
 
     def _log_end(self, conn: Connection) -> None:
         if self.role.upload_from_pipes:

@@ -8,7 +8,9 @@ from attrs import define, field, frozen
 
 from tm3.core.credit import DEFAULT_INITIAL_WINDOW, DEFAULT_MAX_WINDOW, DEFAULT_SESSION_WINDOW
 from tm3.core.reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES
+from tm3.core.schedule import DEFAULT_SHARE
 from tm3.core.wire import DEFAULT_PAYLOAD
+from tm3.mux.pipes import DEFAULT_PIPE_LOWAT, DELIVERY_TIME
 
 MiB = 1024 * 1024
 
@@ -32,6 +34,12 @@ class Settings:
     initial_window: int = DEFAULT_INITIAL_WINDOW
     max_window: int = DEFAULT_MAX_WINDOW
     session_window: int = DEFAULT_SESSION_WINDOW
+    # Late binding and scheduling (tm3/mux/outbound.py, tm3/core/schedule.py).
+    pipe_lowat: int = DEFAULT_PIPE_LOWAT
+    pipe_scheduler: str = DELIVERY_TIME
+    send_queue: int = 256 * 1024
+    total_send_queue: int = 16 * MiB
+    send_share: int = DEFAULT_SHARE
 
 
 @frozen

@@ -51,6 +51,11 @@ ENVIRONMENT = {
     "TM3_INITIAL_WINDOW": "initial-window",
     "TM3_MAX_WINDOW": "max-window",
     "TM3_SESSION_WINDOW": "session-window",
+    "TM3_PIPE_LOWAT": "pipe-lowat",
+    "TM3_PIPE_SCHEDULER": "pipe-scheduler",
+    "TM3_SEND_ORDER": "send-order",
+    "TM3_SEND_QUEUE": "send-queue",
+    "TM3_TOTAL_SEND_QUEUE": "total-send-queue",
 }
 # Flags: set when the variable is 1, yes or true.
 FLAGS = {"TM3_ALLOW_V1": "allow-v1"}
