@@ -67,7 +67,10 @@ def test_tools_print_tm3s_version(tool: str) -> None:
         (["tm3rp", "--pipes", "0"], "twistd tm3rp: --pipes must be in 1..1024, not 0"),
         (["tm3rp", "--pipes", "2", "--bogus"], "twistd tm3rp: option --bogus not recognized"),
         (["tm3rp"], "twistd tm3rp: --pipes is required: the number of pipes the LP opens (1..1024)"),
-        (["tm3lp", "--pipes", "2", "--socks", "tcp:0"], "twistd tm3lp: --remote is required: the RP's HOST or HOST:PORT"),
+        (
+            ["tm3lp", "--pipes", "2", "--socks", "tcp:0"],
+            "twistd tm3lp: --remote is required: the RP's HOST or HOST:PORT",
+        ),
         (
             ["tm3lp", "--remote", HOST, "--pipes", "2", "--socks", "tcp:0", "--socks-timeout", "never"],
             "twistd tm3lp: --socks-timeout must be a number of seconds, more than 0 and at most 3600, not 'never'",
@@ -101,7 +104,17 @@ def test_rp_on_a_port_in_use_says_so_in_one_line(taken_port: int) -> None:
 
 def test_lp_on_a_port_in_use_names_the_listener(taken_port: int) -> None:
     socks = f"tcp:{taken_port}:interface={HOST}"
-    out = twistd("tm3lp", "--remote", f"{HOST}:1", "--pipes", "2", "--forward", f"tcp:0:interface={HOST}:{HOST}:80", "--socks", socks)
+    out = twistd(
+        "tm3lp",
+        "--remote",
+        f"{HOST}:1",
+        "--pipes",
+        "2",
+        "--forward",
+        f"tcp:0:interface={HOST}:{HOST}:80",
+        "--socks",
+        socks,
+    )
     text = out.stdout + out.stderr
     assert out.returncode != 0, text
     assert f"tm3lp: cannot listen on {socks} (SOCKS5): address already in use" in text

@@ -14,10 +14,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from tests.support.processes import REPO_ROOT, TWISTD, clean_env
+from tm3.cli import EXIT_USAGE
 from tm3.lp import tap as lp_tap
 from tm3.mux.session import Settings
 from tm3.rp import tap as rp_tap
-from tm3.cli import EXIT_USAGE
 from tm3.rp.tap import ENVIRONMENT, Options, makeService, options_from_env
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
