@@ -47,14 +47,14 @@ def version_line(prog: str) -> str:
 class ProxyOptions(usage.Options):
     """``usage.Options`` with TM3's ``--version`` and short usage errors."""
 
+    #: The twistd command (the plugin's tapname).
+    command = "tm3"
+
     def opt_version(self) -> NoReturn:
         """Print TM3's version and exit."""
         print(version_line(self._prog()))
         print(f"Twisted {twisted.__version__}, Python {sys.version.split()[0]}")
         sys.exit(0)
-
-    #: The twistd command (the plugin's tapname).
-    command = "tm3"
 
     def _prog(self) -> str:
         return f"twistd {self.command}"
