@@ -7,12 +7,14 @@ import sys
 from twisted.application import service
 from twisted.python import usage
 
+from tm3.cli import EXIT_USAGE
 from tm3.rp.tap import makeService, options_from_env
 
 try:
     config = options_from_env()
 except usage.UsageError as e:
-    sys.exit(f"tm3rp.tac: {e}")
+    print(f"tm3rp.tac: {e}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)  # a service manager need not retry
 
 application = service.Application("tm3rp")
 makeService(config).setServiceParent(application)

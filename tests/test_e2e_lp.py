@@ -47,6 +47,7 @@ from tests.support.clients import (
     ATYP_IPV6,
     REP_ATYP_NOT_SUPPORTED,
     REP_HOST_UNREACHABLE,
+    REP_NETWORK_UNREACHABLE,
     REP_SUCCEEDED,
     Client,
     socks_ipv4,
@@ -54,7 +55,7 @@ from tests.support.clients import (
 )
 from tests.support.env import Env
 from tests.support.pattern import Pattern
-from tests.support.ports import HOST
+from tests.support.ports import HOST, free_port
 from tests.support.processes import curl
 from tests.support.producers import PatternProducer
 from tests.support.servers import EchoProtocol, was_reset
@@ -722,6 +723,8 @@ async def test_one_lost_pipe_ends_the_session_on_both_sides(env: Env, pipes: int
 @MODES
 @pytest_twisted.ensureDeferred
 async def test_client_waits_in_backlog_until_the_session_is_up(env: Env, pipes: int, mode: str) -> None:
+    """A forward client waits in the backlog; a SOCKS client is accepted and
+    its request waits for the session (within --socks-timeout, 10 s)."""
     srv = await env.server(hashing_echo(env.reactor))
     rp = await env.rp(pipes)
     port = rp.port
@@ -751,6 +754,53 @@ async def test_client_waits_in_backlog_until_the_session_is_up(env: Env, pipes: 
     reason = await within(client.lost.wait(), 10, "the close")
     assert not was_reset(reason), reason
     assert client.data == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_socks_client_gets_network_unreachable_when_no_session_comes_up(env: Env) -> None:
+    """With the RP down, a SOCKS client is answered 0x03 within
+    --socks-timeout instead of waiting for ever; a forward client still waits
+    in the backlog."""
+    rp = await env.rp(2)
+    port = rp.port
+    await rp.stop()
+    env.hold_port(port)  # refused: the LP keeps redialing
+    lp = await env.lp(port, 2, [free_port()], wait=False, extra=["--socks-timeout", "1.5"])
+    start = env.reactor.seconds()
+    client = Client(socks=socks_ipv4(HOST, 80), close_on_eof=True)
+    await env.connect(lp.port("socks"), client)
+    rep = await within(client.socks_reply.wait(), 10, "the SOCKS reply")
+    waited = env.reactor.seconds() - start
+    assert rep == REP_NETWORK_UNREACHABLE, rep
+    assert client.socks_method == b"\x05\x00"
+    assert 1.4 <= waited < 5, waited
+    await within(client.lost.wait(), 5, "the LP to close the client")
+    assert "no pipe session to the RP" in env.logged() and "reply 0x03" in env.logged()
+    assert lp.session is None and lp.stats.connections_opened == 0
+    forward = await env.connect(lp.port("forward"))
+    await sleep(0.5)
+    assert not forward.lost.fired  # in the backlog, as before
+
+
+@pytest.mark.parametrize("said", [b"", b"\x05\x01", b"\x05\x01\x00", b"\x05\x01\x00\x05\x01\x00"])
+@pytest_twisted.ensureDeferred
+async def test_socks_client_that_stops_mid_handshake_is_closed_after_the_timeout(env: Env, said: bytes) -> None:
+    """A client that says nothing, or stops mid-handshake, is closed after
+    --socks-timeout; the session and other clients are not disturbed."""
+    srv = await env.server(hashing_echo(env.reactor))
+    rp = await env.rp(1)
+    lp = await env.lp(rp.port, 1, extra=["--socks-timeout", "1"])
+    start = env.reactor.seconds()
+    silent = await env.connect(lp.port("socks"), Client(close_on_eof=True))
+    if said:
+        silent.write(said)
+    await env.echo_round_trip(lp, "socks", srv.port, Pattern(3).bytes(50_000))
+    reason = await within(silent.lost.wait(), 10, "the LP to close the silent client")
+    assert 0.9 <= env.reactor.seconds() - start < 5
+    assert not was_reset(reason), reason
+    assert silent.data == (b"\x05\x00" if said.startswith(b"\x05\x01\x00") else b"")
+    assert "did not finish its handshake in 1 s; closing" in env.logged()
+    assert lp.session is not None and lp.stats.connections_opened == 1
 
 
 # -- SOCKS5 with curl, and SOCKS error replies -------------------------------------------

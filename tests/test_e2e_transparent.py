@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pytest
 from tests.support.level4 import Proxy
 from tests.support.netns import TM3Topology
 from tests.support.processes import wait_for
+from tm3.lp.redirect import installed_rules
 
 pytestmark = pytest.mark.netns
 
@@ -42,9 +44,9 @@ def conn_lines(log: str, dest: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(rf"conn \d+ to {re.escape(dest)} ended: (\w+)", line)]
 
 
-@pytest.fixture
-def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untyped-def]
-    t = tm3_topology
+def start_servers_and_rp(t: TM3Topology, tmp_path: Path, pipes: int = 4) -> tuple[Proxy, bytes]:
+    """tm3-testserver and an HTTP server (serving a random blob, returned)
+    on the server host; an RP on the rp host."""
     # A file for curl to fetch, served from the server host.
     www = tmp_path / "www"
     www.mkdir()
@@ -57,9 +59,16 @@ def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untype
     t.server.wait_for_port(TESTPORT, t.server_ip)
     t.server.wait_for_port(HTTPPORT, t.server_ip)
 
-    rp = Proxy(t.rp, tmp_path / "rp.log", ["tm3rp", "--pipes", "4", "--listen", f"tcp:6000:interface={t.rp_ip}"])
+    rp = Proxy(t.rp, tmp_path / "rp.log", ["tm3rp", "--pipes", str(pipes), "--listen", f"tcp:6000:interface={t.rp_ip}"])
     rp.start()
     wait_for(lambda: "listening on" in rp.log(), "the RP to listen")
+    return rp, blob
+
+
+@pytest.fixture
+def system(tm3_topology: TM3Topology, tmp_path: Path):  # type: ignore[no-untyped-def]
+    t = tm3_topology
+    rp, blob = start_servers_and_rp(t, tmp_path)
     lp = Proxy(
         t.client,
         tmp_path / "lp.log",
@@ -144,3 +153,60 @@ def test_connection_to_the_listener_itself_is_refused_not_looped(system) -> None
     assert result.returncode == 1, result.stdout + result.stderr
     wait_for(lambda: "cannot tell where this connection was going" in read(lp_log), "the LP's log line")
     assert read(rp_log).count("ended:") == before
+
+
+def nat_rules(t: TM3Topology) -> str:
+    return t.client.run(["iptables", "-w", "10", "-t", "nat", "-S"]).stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_lp_redirect_rules_live_exactly_as_long_as_the_lp(tm3_topology: TM3Topology, tmp_path: Path, sig: int) -> None:
+    """``tm3lp --redirect IFACE:PORTS`` installs tm3-redirect's rules once it
+    listens, the redirected traffic crosses the pipes, and the rules are gone
+    when twistd stops on SIGTERM or SIGINT."""
+    t = tm3_topology
+    rp, _ = start_servers_and_rp(t, tmp_path, pipes=2)
+    assert "TM3_" not in nat_rules(t)
+    lp = Proxy(
+        t.client,
+        tmp_path / "lp.log",
+        ["tm3lp", "--pipes", "2", "--remote", f"{t.rp_ip}:6000", "--transparent", f"tcp:{LP_PORT}",
+         "--redirect", f"{t.client_iface}:{TESTPORT},{HTTPPORT}"],
+    )  # fmt: skip
+    lp.start()
+    wait_for(lambda: "session 1 up" in lp.log(), "the LP's pipes to come up")
+    rules = installed_rules(nat_rules(t))
+    assert f"-A PREROUTING -i {t.client_iface} -p tcp -j TM3_PREROUTING" in rules, rules
+    assert f"-A TM3_OUTPUT -d {t.rp_ip}/32 -j RETURN" in rules, rules
+    for port in (TESTPORT, HTTPPORT):
+        assert f"-A TM3_OUTPUT -p tcp -m tcp --dport {port} -j REDIRECT --to-ports {LP_PORT}" in rules, rules
+    assert "iptables: redirecting TCP ports" in lp.log()
+
+    client = t.client.run(
+        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"),
+        check=False,
+    )
+    assert client.returncode == 0, client.stdout + client.stderr
+    dest = f"{t.server_ip}:{TESTPORT}"
+    wait_for(lambda: conn_lines(rp.log(), dest), "the RP's line for the carried connection")
+    carried = len(conn_lines(rp.log(), dest))
+
+    assert lp.proc is not None
+    lp.proc.send_signal(sig)
+    assert lp.proc.wait(15) is not None
+    assert "iptables: redirect rules removed" in lp.log(), lp.log()
+    assert "Traceback" not in lp.log()
+    assert "TM3_" not in nat_rules(t)
+    # Without the rules (and the LP), the same client reaches the server directly.
+    direct = t.client.run(
+        t.client.python_argv("-m", "tm3.tools.testclient", t.server_ip, str(TESTPORT), "10", "4096", "4096"),
+        check=False,
+    )
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    time.sleep(0.5)
+    assert len(conn_lines(rp.log(), dest)) == carried
+
+    # They were tm3-redirect's rules, to the line.
+    redirect(t, "on", t.rp_ip, t.client_iface, str(TESTPORT), str(HTTPPORT), "--to-port", str(LP_PORT))
+    assert installed_rules(nat_rules(t)) == rules
+    redirect(t, "off")

@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from tests.support.processes import REPO_ROOT, TWISTD, clean_env
+from tm3.cli import EXIT_USAGE
 from tm3.lp import tap as lp_tap
 from tm3.mux.session import Settings
 from tm3.rp import tap as rp_tap
@@ -318,14 +319,17 @@ def test_tac_builds_the_same_service(monkeypatch: pytest.MonkeyPatch) -> None:
     assert service.multiplexer.settings.max_payload == 8192
 
 
-def test_tac_with_a_malformed_variable_exits_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tac_with_a_malformed_variable_exits_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for var in ENVIRONMENT:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TM3_PIPES", "2")
     monkeypatch.setenv("TM3_CONN_QUEUE", "tiny")
     with pytest.raises(SystemExit) as info:
         runpy.run_path(str(REPO_ROOT / "tm3rp.tac"))
-    assert str(info.value.code).startswith("tm3rp.tac: TM3_CONN_QUEUE='tiny': --conn-queue must be")
+    assert info.value.code == EXIT_USAGE  # systemd: RestartPreventExitStatus=2
+    assert capsys.readouterr().err.startswith("tm3rp.tac: TM3_CONN_QUEUE='tiny': --conn-queue must be")
 
 
 # -- twistd ------------------------------------------------------------------------------

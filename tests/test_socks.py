@@ -39,9 +39,10 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -482,8 +483,13 @@ class Recording(Socks5Protocol):
     """Records the hooks. ``socks_connect`` returns ``outcome()`` if given,
     else a new pending Deferred (in ``pending``) whose canceller counts."""
 
-    def __init__(self, outcome: Callable[[], Deferred[None]] | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        outcome: Callable[[], Deferred[None]] | None = None,
+        clock: Clock | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(clock, timeout)
         self.outcome = outcome
         self.connects: list[tuple[str, int, int]] = []
         self.pending: list[Deferred[None]] = []
@@ -523,6 +529,69 @@ def connected(protocol: Socks5Protocol | None = None) -> tuple[Any, StringTransp
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport
+
+
+# -- the handshake timeout (--socks-timeout) ----------------------------------
+
+
+def timed(timeout: float = 10.0) -> tuple[Any, StringTransport, Clock]:
+    clock = Clock()
+    proto, transport = connected(Recording(clock=clock, timeout=timeout))
+    return proto, transport, clock
+
+
+@pytest.mark.parametrize("said", [b"", b"\x05", GREETING, GREETING + CONNECT_IPV4[:5]])
+def test_a_client_that_does_not_finish_its_handshake_is_closed_at_the_timeout(said: bytes) -> None:
+    proto, transport, clock = timed(10.0)
+    proto.dataReceived(said)
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    with capturedLogs() as events:
+        clock.advance(0.1)
+    assert transport.disconnecting
+    assert transport.value() == (METHOD_NO_AUTH_SELECTED if said.startswith(GREETING) else b"")
+    assert proto.connects == []
+    assert any("did not finish its handshake in 10 s; closing" in formatEvent(e) for e in events)
+    proto.connectionLost(connectionDone)
+    assert not clock.getDelayedCalls()
+
+
+def test_a_connect_still_pending_at_the_timeout_is_cancelled_and_answered() -> None:
+    proto, transport, clock = timed(5.0)
+    proto.dataReceived(GREETING + CONNECT_IPV4)
+    transport.clear()
+    clock.advance(5.0)
+    assert proto.cancelled == 1 and proto.aborted == 1
+    assert transport.value() == reply(TTL_EXPIRED)  # Socks5Protocol.socks_timed_out's default
+    assert transport.disconnecting
+    proto.connectionLost(connectionDone)
+    assert proto.aborted == 1 and not clock.getDelayedCalls()
+
+
+def test_the_timeout_ends_with_the_reply() -> None:
+    proto, transport, clock = timed(5.0)
+    proto.dataReceived(GREETING + CONNECT_IPV4)
+    clock.advance(4.0)
+    proto.pending[0].callback(None)
+    assert transport.value().endswith(reply(SUCCEEDED))
+    assert not clock.getDelayedCalls()
+    clock.advance(60)
+    assert not transport.disconnecting
+
+
+def test_the_timeout_is_cancelled_by_a_refusal_and_by_a_lost_client() -> None:
+    proto, transport, clock = timed()
+    proto.dataReceived(b"\x04")  # SOCKS4: refused at once
+    assert transport.disconnecting and not clock.getDelayedCalls()
+    proto, transport, clock = timed()
+    proto.dataReceived(GREETING)
+    proto.connectionLost(connectionDone)
+    assert not clock.getDelayedCalls()
+
+
+def test_a_timeout_needs_a_clock() -> None:
+    with pytest.raises(ValueError, match="needs a clock"):
+        Socks5Protocol(timeout=1.0)
 
 
 def test_glue_success_path() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import endpoints
 from twisted.python import usage
@@ -78,6 +78,43 @@ def argv_from_env(environ: Mapping[str, str], names: Mapping[str, str]) -> list[
     """Turn ``TM3_PIPES=4``-style variables into ``["--pipes", "4"]``;
     ``names`` maps each environment variable to its option."""
     return [arg for var, option in names.items() if var in environ for arg in ("--" + option, environ[var])]
+
+
+OptionsT = TypeVar("OptionsT", bound=usage.Options)
+
+
+def options_from_environment(
+    make: Callable[[], OptionsT],
+    environ: Mapping[str, str],
+    names: Mapping[str, str],
+    flags: Mapping[str, str],
+    required: str,
+) -> OptionsT:
+    """Options for a ``.tac`` file, from ``TM3_*`` variables: ``names`` maps a
+    variable to the option it sets, ``flags`` a variable to a flag it sets
+    when it is 1, yes or true. ``required`` says which variables must be set.
+
+    Raises ``usage.UsageError`` naming the variable when one is malformed."""
+    argv = argv_from_env(environ, names)
+    for var, flag in flags.items():
+        value = environ.get(var, "").strip().lower()
+        if value in ("1", "yes", "true"):
+            argv.append("--" + flag)
+        elif value not in ("", "0", "no", "false"):
+            raise usage.UsageError(f"{var}={environ[var]!r}: use 1, yes or true to set --{flag}, 0, no or false not to")
+    config = make()
+    try:
+        config.parseOptions(argv)
+    except usage.UsageError as e:
+        text = str(e)
+        for var, option in names.items():  # name the one variable at fault
+            if text.startswith((f"--{option} ", f"--{option}:")):
+                if var in environ:
+                    raise usage.UsageError(f"{var}={environ[var]!r}: {text}") from None
+                raise usage.UsageError(f"{var} is not set: {text}") from None
+        set_names = ", ".join(f"{k}={environ[k]!r}" for k in names if k in environ) or "none set"
+        raise usage.UsageError(f"{e} (from the environment: {set_names}; {required})") from None
+    return config
 
 
 # The tuning options both proxies take, in usage.Options' optParameters form;

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from tests.support.waiting import Event
 
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 0x01, 0x03, 0x04
-REP_SUCCEEDED, REP_HOST_UNREACHABLE, REP_ATYP_NOT_SUPPORTED = 0x00, 0x04, 0x08
+REP_SUCCEEDED, REP_NETWORK_UNREACHABLE, REP_HOST_UNREACHABLE, REP_ATYP_NOT_SUPPORTED = 0x00, 0x03, 0x04, 0x08
 
 
 def socks_ipv4(host: str, port: int) -> tuple[int, bytes, int]:

@@ -180,10 +180,15 @@ class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[m
     connect works is only known later (a FIN 0x99 then resets the client),
     and waiting for the server's first byte would deadlock protocols where
     the client speaks first.
+
+    SOCKS listeners accept while no session is up (a client in the backlog
+    could not be told anything): a request then waits for the session,
+    within the handshake's ``timeout`` (``--socks-timeout``), after which the
+    client gets reply 0x03, network unreachable.
     """
 
-    def __init__(self, proxy: LocalProxy) -> None:
-        Socks5Protocol.__init__(self)
+    def __init__(self, proxy: LocalProxy, timeout: float | None = None) -> None:
+        Socks5Protocol.__init__(self, proxy.reactor, timeout)
         ClientConnection.__init__(self, proxy, _no_destination_yet)
 
     def socks_connect(self, host: str, port: int, atyp: int) -> Deferred[None]:
@@ -192,16 +197,27 @@ class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[m
         if atyp == ATYP_DOMAIN:
             d: Deferred[str] = self.proxy.reactor.resolve(host)
 
-            def resolved(ip: str) -> None:
-                self._open(ip, port)
-
-            def unresolved(f: Failure) -> None:
+            def unresolved(f: Failure) -> str:
                 f.trap(DNSLookupError)
                 raise SocksError(HOST_UNREACHABLE, f"cannot resolve {host!r} to an IPv4 address")
 
-            return d.addCallbacks(resolved, unresolved)
-        self._open(host, port)
-        return succeed(None)
+            d.addErrback(unresolved)
+        else:
+            d = succeed(host)
+        return d.addCallback(self._open_in_session, port)
+
+    def _open_in_session(self, host: str, port: int) -> Deferred[None] | None:
+        if self.proxy.session is not None or self._timeout is None:
+            self._open(host, port)
+            return None
+        # Cancelled (by the timeout, or the client leaving) while waiting:
+        # when_session forgets the waiter.
+        return self.proxy.when_session().addCallback(lambda _session: self._open(host, port))
+
+    def socks_timed_out(self) -> SocksError:
+        if self.proxy.session is None:
+            return SocksError(NETWORK_UNREACHABLE, f"no pipe session to the RP at {self.proxy.remote}")
+        return SocksError(HOST_UNREACHABLE, "the name did not resolve in time")
 
     def _open(self, host: str, port: int) -> None:
         try:
@@ -269,9 +285,11 @@ def _original_destination(client: ClientConnection) -> tuple[str, int]:
         raise OSError(str(e)) from None
 
 
-def socks_factory(proxy: LocalProxy) -> Factory:
-    """SOCKS5 clients (RFC 1928 CONNECT, no authentication)."""
-    return _InterceptFactory(lambda: SocksClientConnection(proxy))
+def socks_factory(proxy: LocalProxy, timeout: float | None = None) -> Factory:
+    """SOCKS5 clients (RFC 1928 CONNECT, no authentication); ``timeout``:
+    seconds a client has from the accept to the reply (see
+    :class:`SocksClientConnection`)."""
+    return _InterceptFactory(lambda: SocksClientConnection(proxy, timeout))
 
 
 def transparent_factory(proxy: LocalProxy) -> Factory:

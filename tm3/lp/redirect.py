@@ -32,6 +32,7 @@ from enum import Enum
 
 from attrs import frozen
 
+from tm3.cli import version_line
 from tm3.core.addresses import NotIPv4, parse_ipv4
 
 __all__ = [
@@ -390,6 +391,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_line(PROG))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     on = commands.add_parser(
         "on",

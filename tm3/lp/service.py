@@ -2,9 +2,11 @@
 listeners that intercept application connections.
 
 Listeners accept only while a session is up: in between, the listening
-sockets stop reading and clients wait in the kernel's backlog. A lost pipe
-ends the session, resetting every connection it carried, and the dialer
-starts again.
+sockets stop reading and clients wait in the kernel's backlog. SOCKS
+listeners are the exception: they always accept, so that a client can be
+answered (its request waits for the session within ``--socks-timeout``, then
+gets a failure reply). A lost pipe ends the session, resetting every
+connection it carried, and the dialer starts again.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from tm3.cli import cannot_start, os_reason
 from tm3.core.addresses import ipv4_literal
 from tm3.core.ids import IdsExhausted
 from tm3.listening import ListeningService
@@ -70,6 +74,8 @@ class LocalProxy(MultiService):
         self._session_started = 0.0
         self._opened_before = 0
         self._session_waiters: list[Deferred[Session]] = []
+        self._addresses: dict[ListeningService, str] = {}
+        self._always_accept: set[ListeningService] = set()
 
     @property
     def session(self) -> Session | None:
@@ -86,14 +92,32 @@ class LocalProxy(MultiService):
         except (IdsExhausted, ValueError) as e:
             raise NoRoute(str(e)) from None
 
-    def add_listener(self, endpoint: IStreamServerEndpoint, factory: Factory, description: str) -> ListeningService:
+    def add_listener(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: Factory,
+        description: str,
+        address: str | None = None,
+        always_accept: bool = False,
+    ) -> ListeningService:
+        """Listen on ``endpoint`` (``address``: its string, for messages);
+        ``always_accept``: also while no session is up."""
         listener = ListeningService(endpoint, factory, description)
         listener.setServiceParent(self)
         self.listeners.append(listener)
+        self._addresses[listener] = address or description
+        if always_accept:
+            self._always_accept.add(listener)
         return listener
 
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except CannotListenError as e:
+            # Children start in order: the first listener without a port failed.
+            failed = next((li for li in self.listeners if li.port is None), None)
+            where = f"{self._addresses[failed]} ({failed.description})" if failed is not None else str(e.port)
+            cannot_start("tm3lp", f"cannot listen on {where}: {os_reason(e.socketError)}")
         self._set_accepting(False)
         self.dialer.start()
 
@@ -105,6 +129,8 @@ class LocalProxy(MultiService):
 
     def _set_accepting(self, on: bool) -> None:
         for listener in self.listeners:
+            if listener in self._always_accept:
+                continue
             port = listener.port
             # A listening socket that stops reading stops accepting; clients
             # wait in the kernel backlog until the pipes are up.
@@ -146,8 +172,14 @@ class LocalProxy(MultiService):
         self.dialer.start(delay=delay)
 
     def when_session(self) -> Deferred[Session]:
-        """Fires with the session once all pipes are up (at once if they are)."""
-        d: Deferred[Session] = Deferred()
+        """Fires with the session once all pipes are up (at once if they are);
+        cancelling it forgets the waiter."""
+
+        def forget(d: Deferred[Session]) -> None:
+            if d in self._session_waiters:
+                self._session_waiters.remove(d)
+
+        d: Deferred[Session] = Deferred(forget)
         if self.sessions.current is not None:
             d.callback(self.sessions.current)
         else:

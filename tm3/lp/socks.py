@@ -42,8 +42,10 @@ from twisted.internet.error import (
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
+    IReactorTime,
     ITCPTransport,
     ITransport,
 )
@@ -480,11 +482,23 @@ class Socks5Protocol(Protocol):
 
     Half-close is kept: the client's EOF reaches :meth:`relay_eof`, and the
     connection is closed once both directions have been shut down.
+
+    With a ``timeout`` (and the ``clock`` to count it), the whole handshake,
+    from the accept to the reply, must be over within that many seconds: a
+    client that says nothing, or stops halfway, is then closed, and a connect
+    still pending is cancelled and answered with :meth:`socks_timed_out`'s
+    reply. Without one, a silent client holds its socket for as long as it
+    likes.
     """
 
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None, timeout: float | None = None) -> None:
+        if timeout is not None and clock is None:
+            raise ValueError("a SOCKS handshake timeout needs a clock")
+        self._clock = clock
+        self._timeout = timeout
+        self._timer: IDelayedCall | None = None
         self._handshake = Socks5Handshake()
         self._phase = _Phase.HANDSHAKE
         self._pending_connect: Deferred[None] | None = None
@@ -528,10 +542,21 @@ class Socks5Protocol(Protocol):
         self._transport.loseConnection()
 
     def socks_aborted(self) -> None:
-        """The client connection was lost while :meth:`socks_connect` was
-        pending; its Deferred has been cancelled and its result is ignored."""
+        """The client connection was lost, or the handshake timed out, while
+        :meth:`socks_connect` was pending; its Deferred has been cancelled and
+        its result is ignored."""
+
+    def socks_timed_out(self) -> SocksError:
+        """The reply for a connect still pending when the handshake's
+        ``timeout`` runs out (its Deferred is then cancelled)."""
+        return SocksError(TTL_EXPIRED, "the connect did not finish in time")
 
     # -- Twisted callbacks ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self._timeout is not None and self._clock is not None:
+            self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
         if self._phase is _Phase.RELAYING:
@@ -566,6 +591,7 @@ class Socks5Protocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         phase, self._phase = self._phase, _Phase.CLOSED
+        self._stop_timer()
         self._early.clear()
         if phase is _Phase.CONNECTING:
             self.log.info(
@@ -589,6 +615,37 @@ class Socks5Protocol(Protocol):
     def _peer(self) -> str:
         transport = self.transport
         return str(transport.getPeer()) if transport is not None else "?"
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._phase is _Phase.HANDSHAKE:
+            self.log.info(
+                "SOCKS client {peer} did not finish its handshake in {timeout:g} s; closing",
+                peer=self._peer(),
+                timeout=self._timeout,
+            )
+            self._phase = _Phase.CLOSED
+            self._transport.loseConnection()
+        elif self._phase is _Phase.CONNECTING:
+            error = self.socks_timed_out()
+            self.log.info(
+                "SOCKS connect from {peer} to {destination} timed out after {timeout:g} s: {message} (reply {rep_code:#04x})",
+                peer=self._peer(),
+                destination=self._destination,
+                timeout=self._timeout,
+                message=error.message,
+                rep_code=error.rep_code,
+            )
+            pending, self._pending_connect = self._pending_connect, None
+            self._refuse(reply(error.rep_code))  # CLOSED first: the cancel below is ignored
+            if pending is not None:
+                pending.cancel()
+            self.socks_aborted()
 
     def _close_if_shut_down(self) -> None:
         # Twisted keeps a socket open after both halves are shut down; a
@@ -624,6 +681,7 @@ class Socks5Protocol(Protocol):
 
     def _refuse(self, reply_bytes: bytes) -> None:
         self._phase = _Phase.CLOSED
+        self._stop_timer()
         if reply_bytes:
             self._transport.write(reply_bytes)
         self._transport.loseConnection()
@@ -654,6 +712,7 @@ class Socks5Protocol(Protocol):
             return  # lost meanwhile; socks_aborted has been called
         self._transport.write(reply(SUCCEEDED))
         self._phase = _Phase.RELAYING
+        self._stop_timer()
         early = b"".join(self._early)
         self._early.clear()
         # Resume before the hook: resuming delivers nothing synchronously,

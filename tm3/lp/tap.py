@@ -1,18 +1,29 @@
-"""``twistd tm3lp``: the local proxy's options and service."""
+"""``twistd tm3lp``: the local proxy's options and service.
+
+One code path, two ways in: the ``tm3lp`` plugin calls :func:`makeService`,
+and ``tm3lp.tac`` calls it too, with options taken from ``TM3_*`` variables
+(:func:`options_from_env`).
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
 
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from tm3.cli import ProxyOptions
 from tm3.core.addresses import NotIPv4
 from tm3.lp.clients import forward_factory, socks_factory, transparent_factory
+from tm3.lp.rules import RedirectRules, parse_redirect
 from tm3.lp.service import LocalProxy, resolve_ipv4
 from tm3.mux.settings import Settings
 from tm3.options import (
     TUNING_PARAMETERS,
     check_client_endpoint,
     check_server_endpoint,
+    options_from_environment,
     parse_int,
     parse_seconds,
     parse_tuning,
@@ -22,6 +33,29 @@ from tm3.options import (
 from tm3.reactor import IProxyReactor, default_reactor
 
 DEFAULT_RP_PORT = 6000
+SOCKS_TIMEOUT = 10.0
+
+ENVIRONMENT = {
+    "TM3_REMOTE": "remote",
+    "TM3_PIPES": "pipes",
+    "TM3_KEY_FILE": "key-file",
+    "TM3_HANDSHAKE_TIMEOUT": "handshake-timeout",
+    "TM3_SOCKS": "socks",
+    "TM3_SOCKS_TIMEOUT": "socks-timeout",
+    "TM3_TRANSPARENT": "transparent",
+    "TM3_FORWARD": "forward",  # specs separated by spaces
+    "TM3_REDIRECT": "redirect",
+    "TM3_MAX_PAYLOAD": "max-payload",
+    "TM3_CONNECT_TIMEOUT": "connect-timeout",
+    "TM3_CONN_QUEUE": "conn-queue",
+    "TM3_TOTAL_QUEUE": "total-queue",
+    "TM3_STALL_TIMEOUT": "stall-timeout",
+    "TM3_INITIAL_WINDOW": "initial-window",
+    "TM3_MAX_WINDOW": "max-window",
+    "TM3_SESSION_WINDOW": "session-window",
+    "TM3_REORDER_WINDOW": "reorder-window",
+    "TM3_TOTAL_REORDER_WINDOW": "total-reorder-window",
+}
 
 
 # Client endpoint types --remote takes as an endpoint string; anything else is
@@ -57,6 +91,18 @@ def _resolve(option: str, host: str) -> str:
         raise usage.UsageError(f"--{option}: cannot resolve {host!r} to an IPv4 address ({e})") from None
 
 
+def remote_ipv4(description: str) -> str | None:
+    """The RP's IPv4 address in a parsed ``--remote`` (a client endpoint
+    string), resolving a name; ``None`` for a ``unix:`` RP."""
+    args, kwargs = endpoints._parse(description)
+    if "endpoint" in kwargs:  # tls:...:endpoint=tcp\:ADDRESS\:PORT dials ADDRESS
+        return remote_ipv4(kwargs["endpoint"])
+    if args[0].lower() == "unix":
+        return None
+    host = kwargs.get("host") or (args[1] if len(args) > 1 else None)
+    return _resolve("remote", host) if host else None
+
+
 def parse_forward(text: str) -> tuple[str, str, int]:
     """``LISTEN_ENDPOINT:HOST:PORT``; the endpoint may itself contain colons."""
     parts = text.rsplit(":", 2)
@@ -80,14 +126,17 @@ def with_backlog(description: str) -> str:
     return description
 
 
-class Options(usage.Options):
+class Options(ProxyOptions):
+    command = "tm3lp"
     synopsis = "--remote HOST[:PORT]|ENDPOINT --pipes N [--socks ENDPOINT] [--transparent ENDPOINT] [--forward SPEC]..."
     longdesc = (
         "TM3 local proxy (LP). Opens N pipes to the TM3 remote proxy and carries the "
         "application connections it intercepts over them. Give at least one way in: "
         "--socks (SOCKS5, no root needed), --transparent (connections redirected by "
-        "iptables; see tm3-redirect), or --forward (a fixed destination). TCP listeners "
-        f"get backlog={DEFAULT_BACKLOG} unless the endpoint string sets one."
+        "iptables; see tm3-redirect and --redirect), or --forward (a fixed destination). TCP listeners "
+        f"get backlog={DEFAULT_BACKLOG} unless the endpoint string sets one. While no session to the RP is up, "
+        "transparent and forward clients wait in the listening socket's backlog; SOCKS clients are accepted "
+        "and get reply 0x03 (network unreachable) if none is up within --socks-timeout."
     )
     optParameters = [
         ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}; names are resolved once at "
@@ -98,7 +147,13 @@ class Options(usage.Options):
         ["handshake-timeout", None, "10", "v2: seconds the RP has to answer a pipe's hello (0 < s <= 600)."],
         ["pipes", "n", None, "Pipes to open to the RP (required, 1..1024; the RP must expect the same number)."],
         ["socks", "s", None, "Listen for SOCKS5 clients (CONNECT, no auth) on this server endpoint, like tcp:1080:interface=127.0.0.1."],
+        ["socks-timeout", None, str(SOCKS_TIMEOUT).removesuffix(".0"), "Seconds a SOCKS client has, from connecting to "
+         "the reply: a client that has not sent its whole request by then is closed; one whose request waits for "
+         "a session to the RP gets reply 0x03 (network unreachable) (0 < s <= 3600)."],
         ["transparent", "t", None, "Listen for iptables-redirected connections on this server endpoint, like tcp:6001."],
+        ["redirect", None, None, "IFACE:PORT[,PORT...] (like eth0:80,443): with --transparent, install the iptables "
+         "rules tm3-redirect installs, for these destination ports, to the transparent listener's port, while the LP "
+         "runs (removed when it stops). Needs root or CAP_NET_ADMIN."],
         *TUNING_PARAMETERS,
     ]  # fmt: skip
 
@@ -108,7 +163,7 @@ class Options(usage.Options):
 
     def opt_forward(self, spec: str) -> None:
         """LISTEN_ENDPOINT:HOST:PORT: carry every connection accepted on the endpoint to HOST:PORT (repeatable)."""
-        self["forward"].append(spec)
+        self["forward"].extend(spec.split())  # TM3_FORWARD holds several, separated by spaces
 
     opt_f = opt_forward
 
@@ -122,6 +177,7 @@ class Options(usage.Options):
         self["remote-display"] = self["remote"]
         self["remote"] = parse_remote(self["remote"], self["connect-timeout"])
         self["handshake-timeout"] = parse_seconds("handshake-timeout", self["handshake-timeout"], 0, 600)
+        self["socks-timeout"] = parse_seconds("socks-timeout", self["socks-timeout"], 0, 3600)
         self["key"] = read_key_file("key-file", self["key-file"]) if self["key-file"] is not None else None
         self["forward"] = [parse_forward(spec) for spec in self["forward"]]
         if not (self["socks"] or self["transparent"] or self["forward"]):
@@ -131,6 +187,14 @@ class Options(usage.Options):
         ]:
             if desc is not None:
                 check_server_endpoint(option, desc)
+        self["rp-ip"] = None
+        if self["redirect"] is not None:
+            if not self["transparent"]:
+                raise usage.UsageError("--redirect goes with --transparent: the rules send connections to its port")
+            self["redirect"] = parse_redirect(self["redirect"])
+            self["rp-ip"] = remote_ipv4(self["remote"])
+            if self["rp-ip"] is None:
+                raise usage.UsageError("--redirect needs an RP with an IPv4 address (--remote), to exempt its pipes")
 
     def settings(self) -> Settings:
         return settings_from(self)
@@ -150,18 +214,45 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> LocalP
     )
     if config["socks"]:
         proxy.add_listener(
-            endpoints.serverFromString(reactor, with_backlog(config["socks"])), socks_factory(proxy), "SOCKS5"
+            endpoints.serverFromString(reactor, with_backlog(config["socks"])),
+            socks_factory(proxy, config["socks-timeout"]),
+            "SOCKS5",
+            address=config["socks"],
+            always_accept=True,
         )
+    transparent = None
     if config["transparent"]:
-        proxy.add_listener(
+        transparent = proxy.add_listener(
             endpoints.serverFromString(reactor, with_backlog(config["transparent"])),
             transparent_factory(proxy),
             "transparent",
+            address=config["transparent"],
         )
     for listen, fhost, fport in config["forward"]:
         proxy.add_listener(
             endpoints.serverFromString(reactor, with_backlog(listen)),
             forward_factory(proxy, fhost, fport),
             f"forward to {fhost}:{fport}",
+            address=listen,
         )
+    if config["redirect"] is not None and transparent is not None:
+        # The last child: it starts once every listener listens (the rules
+        # need the transparent port, and a listener that cannot listen stops
+        # the LP before any rule is in), and stops first.
+        iface, ports = config["redirect"]
+        RedirectRules(config["rp-ip"], iface, ports, transparent).setServiceParent(proxy)
     return proxy
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> Options:
+    """Options for ``tm3lp.tac``, from ``TM3_*`` environment variables.
+
+    Raises ``usage.UsageError`` naming the variable when one is malformed."""
+    environ = os.environ if environ is None else environ
+    return options_from_environment(
+        Options,
+        environ,
+        ENVIRONMENT,
+        {},
+        "TM3_REMOTE, TM3_PIPES and one of TM3_SOCKS, TM3_TRANSPARENT or TM3_FORWARD are required",
+    )

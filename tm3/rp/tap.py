@@ -11,15 +11,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
+from tm3.cli import ProxyOptions, cannot_start, os_reason
 from tm3.core.destinations import BadRule, DestinationPolicy, parse_rule
 from tm3.listening import ListeningService
 from tm3.mux.settings import Settings
 from tm3.options import (
     TUNING_PARAMETERS,
-    argv_from_env,
     check_server_endpoint,
+    options_from_environment,
     parse_int,
     parse_seconds,
     parse_tuning,
@@ -61,7 +63,8 @@ ENVIRONMENT = {
 FLAGS = {"TM3_ALLOW_V1": "allow-v1"}
 
 
-class Options(usage.Options):
+class Options(ProxyOptions):
+    command = "tm3rp"
     synopsis = "--pipes N [options]"
     longdesc = (
         "TM3 remote proxy (RP). Accepts sets of pipe connections from TM3 local "
@@ -171,12 +174,16 @@ class RemoteProxyService(MultiService):
             hello_wait=config["hello-wait"],
             handshake_timeout=config["handshake-timeout"],
         )
+        self.listen = config["listen"]
         endpoint = server_from_string(reactor, config["listen"])
         self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
         self.listener.setServiceParent(self)
 
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except CannotListenError as e:
+            cannot_start("tm3rp", f"cannot listen on {self.listen}: {os_reason(e.socketError)}")
         # A carried connection to our own pipe port would join a session as a pipe.
         port = self.listener.port
         pipe_port = getattr(port.getHost(), "port", None) if port is not None else None
@@ -202,23 +209,4 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> Options:
 
     Raises ``usage.UsageError`` naming the variable when one is malformed."""
     environ = os.environ if environ is None else environ
-    argv = argv_from_env(environ, ENVIRONMENT)
-    for var, flag in FLAGS.items():
-        value = environ.get(var, "").strip().lower()
-        if value in ("1", "yes", "true"):
-            argv.append("--" + flag)
-        elif value not in ("", "0", "no", "false"):
-            raise usage.UsageError(f"{var}={environ[var]!r}: use 1, yes or true to set --{flag}, 0, no or false not to")
-    config = Options()
-    try:
-        config.parseOptions(argv)
-    except usage.UsageError as e:
-        text = str(e)
-        for var, option in ENVIRONMENT.items():  # name the one variable at fault
-            if text.startswith((f"--{option} ", f"--{option}:")):
-                if var in environ:
-                    raise usage.UsageError(f"{var}={environ[var]!r}: {text}") from None
-                raise usage.UsageError(f"{var} is not set: {text}") from None
-        names = ", ".join(f"{k}={environ[k]!r}" for k in ENVIRONMENT if k in environ) or "none set"
-        raise usage.UsageError(f"{e} (from the environment: {names}; TM3_PIPES is required)") from None
-    return config
+    return options_from_environment(Options, environ, ENVIRONMENT, FLAGS, "TM3_PIPES is required")

@@ -21,6 +21,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from tm3.cli import version_line
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tm3-demo",
         description="Run TM3 experiment 1 on this machine: test client -> LP -> N pipes -> RP -> test server.",
     )
+    parser.add_argument("--version", action="version", version=version_line("tm3-demo"))
     parser.add_argument("--pipes", type=int, default=4, help="pipes between LP and RP (default 4)")
     parser.add_argument("--count", type=int, default=10, help="requests per run (default 10)")
     parser.add_argument("--request", type=int, default=4096, help="request size in bytes (default 4096)")

@@ -65,6 +65,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from tm3.cli import version_line
 from tm3.tools.streaming import PatternWriter, react_exit_code
 from tm3.tools.testproto import MAX_U32, PatternChecker, Stream, encode_header
 
@@ -541,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
             " connections are opened. Example: tm3-testclient 10.0.0.1 6001 10 4096 4096"
         ),
     )
+    parser.add_argument("--version", action="version", version=version_line("tm3-testclient"))
     parser.add_argument("host", metavar="HOST", help="server host name or IP address")
     parser.add_argument(
         "port",

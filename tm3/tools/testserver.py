@@ -41,6 +41,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tm3.cli import version_line
 from tm3.tools.streaming import PatternWriter, react_exit_code
 from tm3.tools.testproto import (
     HEADER_SIZE,
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
             " stdout. Runs until interrupted (Ctrl-C or SIGTERM)."
         ),
     )
+    parser.add_argument("--version", action="version", version=version_line("tm3-testserver"))
     parser.add_argument(
         "port",
         metavar="PORT",
