@@ -30,7 +30,7 @@ It writes ``efficiency.json`` (every run, the medians, git commit and date),
 ``efficiency.md`` (the table and the issue's targets as ratios: target /
 measured / met?) and ``efficiency.png`` to ``--out`` (``bench/results``).
 
-    .venv/bin/python benchmarks/efficiency.py                 # about 15 minutes
+    .venv/bin/python benchmarks/efficiency.py                 # about 20 minutes on the 2-core machine
     .venv/bin/python benchmarks/efficiency.py --quick         # about 3 minutes: 256 MiB, 1 round, 2,000 held
     .venv/bin/python benchmarks/efficiency.py --peers direct pf2 'tm3-4p-*' --workloads bulk
     .venv/bin/python benchmarks/efficiency.py --proxy-args "--initial-window 1MiB" --label win1m
@@ -780,7 +780,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.axhline(8, color="red", linestyle="--", linewidth=1, label="RP target 8 KiB")
     ax.set_title(f"RSS KiB per held connection ({result['config']['connections']:,})")
     ax.set_xticks(range(len(mem_names)), mem_names, rotation=60, ha="right", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     flat[-1].axis("off")
     fig.suptitle(f"TM3 loopback efficiency {result['label']} ({result['commit'][:10]}, {result['date'][:10]})")
     fig.tight_layout()
@@ -837,22 +837,47 @@ def profile(args: argparse.Namespace, scratch: Path, out_dir: Path) -> None:
     print(text)
 
 
+#: Where self time goes, by the leaf frame: the first pattern that matches names it.
+CATEGORIES = [
+    ("syscalls: send (untilConcludes) and recv (tcp.py doRead)", r"^(untilConcludes|Connection\.doRead) "),
+    ("Twisted: epoll and the reactor loop", r"twisted/internet/(epollreactor|posixbase|base)\.py"),
+    ("Twisted: transport write buffering", r"twisted/internet/(abstract|tcp|_newtls)\.py"),
+    ("Twisted: other", r"twisted/"),
+    ("TM3: framing and decoding (wire.py, Outbound._frame)", r"tm3/core/wire\.py|Outbound\._frame "),
+    ("TM3: reorder", r"tm3/core/reorder\.py"),
+    ("TM3: credit and flow (credit.py, flow.py)", r"tm3/core/credit\.py|tm3/mux/flow\.py"),
+    ("TM3: the rest of the mux (inbound, outbound, pipes, roles)", r"tm3/"),
+    ("other", r""),
+]
+
+
 def top_self(raw: Path, role: str, n: int) -> list[str]:
-    """Self time per function from py-spy's collapsed stacks (the leaf frame of each sample)."""
+    """Self time per function from py-spy's collapsed stacks (the leaf frame of
+    each sample), and the same by category."""
     self_counts: dict[str, int] = {}
     total = 0
     for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+        stack, _, samples = line.rpartition(" ")
         if not stack:
             continue
         leaf = stack.split(";")[-1]
         func = re.sub(r":\d+\)$", ")", leaf)  # one function, all its lines
         func = func.replace(str(REPO) + "/", "").replace(str(Path(sys.prefix)) + "/", "")
-        self_counts[func] = self_counts.get(func, 0) + int(count)
-        total += int(count)
+        func = re.sub(r"\(\S*site-packages/", "(", func)
+        self_counts[func] = self_counts.get(func, 0) + int(samples)
+        total += int(samples)
     lines = [f"## {role.upper()}: top {n} by self time ({total} busy samples)", "", "| % | function |", "|---:|---|"]
     for func, count in sorted(self_counts.items(), key=lambda kv: -kv[1])[:n]:
         lines.append(f"| {100 * count / max(total, 1):.1f} | `{func}` |")
+    by_category = dict.fromkeys((name for name, _ in CATEGORIES), 0)
+    for func, count in self_counts.items():
+        for name, pattern in CATEGORIES:
+            if re.search(pattern, func):
+                by_category[name] += count
+                break
+    lines += ["", f"{role.upper()} by category:", "", "| % | where |", "|---:|---|"]
+    for name, count in by_category.items():
+        lines.append(f"| {100 * count / max(total, 1):.1f} | {name} |")
     return [*lines, ""]
 
 
@@ -931,6 +956,7 @@ def run_suite(args: argparse.Namespace, scratch: Path) -> int:
         print(f"efficiency: no peer matches {args.peers}")
         return 2
     started = time.monotonic()
+    commit = git_commit()  # now: the code under test, whatever is committed meanwhile
     load = os.getloadavg()
     servers = Servers(scratch)
     starter = Starter(scratch, args.proxy_args)
@@ -942,7 +968,7 @@ def run_suite(args: argparse.Namespace, scratch: Path) -> int:
                 t0 = time.monotonic()
                 metrics = measure_round(starter, servers, peer, args, first_round=rnd == 0)
                 runs.append({"peer": peer.name, "round": rnd, "metrics": metrics})
-                shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
+                shown: dict[str, Any] = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
                 if "memory" in metrics:
                     shown["KiB/conn"] = {r: round(v, 2) for r, v in metrics["memory"]["kib_per_conn"].items()}
                 print(
@@ -953,7 +979,7 @@ def run_suite(args: argparse.Namespace, scratch: Path) -> int:
     summary = median_summary(runs, peers)
     result: dict[str, Any] = {
         "label": args.label,
-        "commit": git_commit(),
+        "commit": commit,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load]},
         "config": {
