@@ -538,6 +538,23 @@ def test_each_turn_s_batch_goes_to_the_next_pipe_that_can_send() -> None:
     assert [t.write_sequences for _, t in rp.pipes] == [2, 1, 2]  # one write per batch
 
 
+def test_a_small_batch_goes_to_the_pipe_with_the_earliest_expected_delivery() -> None:
+    """The delivery-time scheduler ranks the open pipes by what their
+    TCP_INFO says (here stood in for: the harness's pipes have no socket)."""
+    rp = RP(n=3)
+    session = rp.up()
+    proto, _ = open_conn(rp)
+    estimates = [0.050, 0.020, 0.200]  # #2 is repairing a loss; #1 has the shortest RTT
+    for pipe, t in zip(session.pipes.pipes, estimates, strict=True):
+        pipe.expected_delivery = lambda t=t: t  # type: ignore[method-assign]
+    for i in range(3):
+        proto.dataReceived(b"%d" % i)
+        assert [len(p) for p in rp.sent_per_pipe()] == [0, 1, 0]
+    rp.pipes[1][1].producer.pauseProducing()
+    proto.dataReceived(b"x")
+    assert [len(p) for p in rp.sent_per_pipe()] == [1, 0, 0]
+
+
 def test_nothing_is_bound_to_a_pipe_that_cannot_send() -> None:
     """Late binding: while every pipe is blocked, messages wait unframed (no
     sequence number yet); the first pipe that reopens takes a batch at once."""

@@ -145,7 +145,7 @@ class Outbound:
         """Give every pipe that can take a batch one, best pipe first, while
         anything waits (normally once per reactor turn)."""
         self._kick = None
-        for pipe in self.pipes.takers():
+        for pipe in self.pipes.takers(self.queued):
             if not self.control and not self.ready:
                 return
             self._fill(pipe)

@@ -361,6 +361,7 @@ class PipeSet:
         self._reactor = reactor
         self._fill = fill
         self._by_delivery = order == DELIVERY_TIME
+        self.batch = lowat
         self._next = 0
         self.reading_paused = False
         self._watch: LoopingCall | None = None
@@ -377,16 +378,17 @@ class PipeSet:
                 return True
         return False
 
-    def takers(self) -> list[PipeProtocol]:
+    def takers(self, waiting: int = 0) -> list[PipeProtocol]:
         """The pipes that can take a batch now, the best first: by expected
         delivery time (ties, and pipes without TCP_INFO, in rotation), or in
-        rotation only."""
+        rotation only. When ``waiting`` bytes fill a batch for every one of
+        them anyway, the order hardly matters and TCP_INFO is not read."""
         pipes = self.pipes
         n = len(pipes)
         start = self._next
         self._next = start + 1 if start + 1 < n else 0
         open_ = [pipes[(start + i) % n] for i in range(n) if not pipes[(start + i) % n].gate.is_blocked]
-        if self._by_delivery and len(open_) > 1:
+        if self._by_delivery and len(open_) > 1 and waiting < len(open_) * self.batch:
             estimates = {pipe: pipe.expected_delivery() for pipe in open_}
             open_.sort(key=estimates.__getitem__)  # stable: rotation breaks ties
         return open_
