@@ -140,7 +140,7 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["send-order", None, "least-served", "Which connection's bytes go next: 'least-served' (fewest bytes sent so "
      "far, one pick in 8 for the longest waiting) or 'arrival' (the longest waiting)."],
     ["send-queue", None, "256KiB", "Bytes one connection may queue for the pipes before its socket is paused "
-     "(64KiB..1GiB; payload + 64 B a read)."],
+     "(64KiB..1GiB; payload bytes)."],
     ["total-send-queue", None, "16MiB", "Bytes all connections may queue for the pipes before sockets are paused "
      "(1MiB..16GiB; likewise)."],
     ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],

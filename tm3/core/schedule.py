@@ -71,7 +71,7 @@ class LeastServedFirst(Generic[K]):
         self._live[key] = order
         heapq.heappush(self._heap, (served, order, key))
         self._fifo.append((order, key))
-        if len(self._fifo) > 2 * len(self._live) + 64:
+        if max(len(self._fifo), len(self._heap)) > 2 * len(self._live) + 64:
             self._compact()
 
     def pop(self) -> K | None:

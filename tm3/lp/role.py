@@ -80,7 +80,10 @@ class LocalRole:
     def connection_over(self, conn: Connection) -> None:
         if self.session.conns.get(conn.conn_id) is conn:
             del self.session.conns[conn.conn_id]
-            self.ids.release(conn.conn_id)
+            # The id's 10 s quarantine (rule 7) starts once our last message
+            # for it is on a pipe, not while it still waits for one.
+            cid = conn.conn_id
+            self.session.outbound.after_sent(conn, lambda: self.ids.release(cid))
 
     def session_ended(self) -> None:
         pass

@@ -30,7 +30,7 @@ backlog out; its EOF waits behind the backlog, so the FIN follows the bytes.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall
@@ -81,6 +81,7 @@ class Outbound:
         self.over = False  # the session is over total_send_queue (until under half)
         self.overdraft = 0  # socket bytes read while over
         self.paused_all = False
+        self.when_sent: dict[Connection, Callable[[], None]] = {}
         self._kick: IDelayedCall | None = None
         self._reactor = session.reactor
 
@@ -145,6 +146,8 @@ class Outbound:
         """Give every pipe that can take a batch one, best pipe first, while
         anything waits (normally once per reactor turn)."""
         self._kick = None
+        if self.over and self.queued <= self.total_limit // 2:
+            self._under()
         for pipe in self.pipes.takers(self.queued):
             if not self.control and not self.ready:
                 return
@@ -185,6 +188,8 @@ class Outbound:
             messages += count
             if conn.out:
                 ready.push(conn, CONTROL_FIRST if type(conn.out[0]) is OutControl else conn.served)
+            elif conn in self.when_sent:
+                self.when_sent.pop(conn)()
         if out:
             self.stats.messages_sent += messages
             pipe.write_batch(out)
@@ -250,7 +255,18 @@ class Outbound:
             self.resume_reader(conn, PAUSE_QUEUE)
         return size, count
 
+    def after_sent(self, conn: Connection, then: Callable[[], None]) -> None:
+        """Call ``then`` once all ``conn`` has queued is on a pipe (or
+        dropped): now, if nothing is queued."""
+        if conn.out:
+            self.when_sent[conn] = then
+        else:
+            then()
+
     def drop_queue(self, conn: Connection) -> None:
+        then = self.when_sent.pop(conn, None)
+        if then is not None:
+            then()
         if not conn.out:
             return
         dropped = conn.out_bytes
@@ -263,6 +279,8 @@ class Outbound:
         self.ready.discard(conn)
         if conn.read_paused & PAUSE_QUEUE:
             self.resume_reader(conn, PAUSE_QUEUE)
+        if self.over and self.queued <= self.total_limit // 2:
+            self._under()
 
     # -- version 2: the send credit ----------------------------------------------
 
@@ -299,6 +317,7 @@ class Outbound:
         conn.credit_blocked = False
         held, conn.held_event = conn.held_event, None
         if held is not None:
+            conn.read_paused &= ~PAUSE_CREDIT  # the socket has ended: nothing to read again
             self.session.event(conn, held)  # the socket's end, now that its bytes are out
         else:
             self.resume_reader(conn, PAUSE_CREDIT)
@@ -360,5 +379,6 @@ class Outbound:
             self._kick.cancel()
         self._kick = None
         self.paused.clear()
+        self.when_sent.clear()
         self.control.clear()
         self.pipes.close()

@@ -22,6 +22,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionAborted, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -38,6 +39,8 @@ from tm3.mux.flow import WriteGate, abort_transport, register_producer
 # the size of the batch a pipe is given when it can send.
 DEFAULT_PIPE_LOWAT = 32 * 1024
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+# A pipe's expected delivery time (TCP_INFO) is read again after this long.
+ESTIMATE_TTL = 0.005
 # How a batch chooses among the pipes that can take it.
 DELIVERY_TIME = "delivery"
 ROTATION = "rotation"
@@ -241,13 +244,15 @@ class PipeProtocol(Protocol):
                 pass  # not Linux: the kernel buffer stays as it autotunes
         transport: object = self.transport
         for _ in range(3):  # under TLS, the TCP transport is the one that buffers
-            if hasattr(transport, "_isSendBufferFull") and hasattr(transport, "dataBuffer"):
+            # (isinstance, not hasattr: a TLS wrapper forwards attribute reads
+            # to the transport it wraps)
+            if isinstance(transport, FileDescriptor):
                 # Twisted pauses a transport's producer once its buffer holds
                 # more than ``bufferSize``, which is also its read size and so
                 # cannot be 0 (twisted.internet.abstract.FileDescriptor): make
                 # every write pause it, so the gate reopens exactly when the
                 # buffer has gone to the kernel.
-                transport._isSendBufferFull = _always  # type: ignore[attr-defined]
+                transport._isSendBufferFull = _always  # type: ignore[method-assign]
                 break
             transport = getattr(transport, "transport", None)
             if transport is None:
@@ -365,18 +370,20 @@ class PipeSet:
         self._next = 0
         self.reading_paused = False
         self._watch: LoopingCall | None = None
+        self._estimates: dict[PipeProtocol, float] = {}  # expected delivery, as of _estimated
+        self._estimated = -1.0
+        self.open = 0  # pipes whose gate is open
         for index, pipe in enumerate(self.pipes):
             pipe.pipe_set = self
             pipe.name = f"{pipe.name} (#{index})"
             pipe.late_binding(lowat)
+            if not pipe.gate.is_blocked:
+                self.open += 1
 
     @property
     def can_take(self) -> bool:
         """Whether some pipe can take a batch now."""
-        for pipe in self.pipes:
-            if not pipe.gate.is_blocked:
-                return True
-        return False
+        return self.open > 0
 
     def takers(self, waiting: int = 0) -> list[PipeProtocol]:
         """The pipes that can take a batch now, the best first: by expected
@@ -389,14 +396,22 @@ class PipeSet:
         self._next = start + 1 if start + 1 < n else 0
         open_ = [pipes[(start + i) % n] for i in range(n) if not pipes[(start + i) % n].gate.is_blocked]
         if self._by_delivery and len(open_) > 1 and waiting < len(open_) * self.batch:
-            estimates = {pipe: pipe.expected_delivery() for pipe in open_}
+            now = self._reactor.seconds()
+            estimates = self._estimates
+            if now - self._estimated >= ESTIMATE_TTL:
+                estimates.clear()
+                self._estimated = now
+            for pipe in open_:
+                if pipe not in estimates:
+                    estimates[pipe] = pipe.expected_delivery()
             open_.sort(key=estimates.__getitem__)  # stable: rotation breaks ties
         return open_
 
     def pipe_paused(self, pipe: PipeProtocol) -> None:
-        pass  # nothing to do: a closed gate is simply not offered batches
+        self.open -= 1
 
     def pipe_resumed(self, pipe: PipeProtocol) -> None:
+        self.open += 1
         self._fill(pipe)
 
     def pause_reading(self) -> None:

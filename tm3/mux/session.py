@@ -116,7 +116,7 @@ class Session:
                 assert action is Action.CONNECT
                 self.role.connect(conn)
         if life.over and not was_over:
-            self._over(conn)
+            self._over(conn, peer_reset=event is Event.PEER_RST)
 
     def attach(self, conn: Connection, stream: StreamProtocol) -> None:
         """The connection's socket is up."""
@@ -162,7 +162,7 @@ class Session:
         else:
             self.role.cancel_connect(conn)
 
-    def _over(self, conn: Connection) -> None:
+    def _over(self, conn: Connection, peer_reset: bool = False) -> None:
         self.live.discard(conn)
         self.outbound.drop_backlog(conn)
         if conn.rwin is not None:
@@ -172,11 +172,13 @@ class Session:
         self._log_end(conn)
         if self.ended:
             return
-        if not (conn.out and type(conn.out[-1]) is OutControl):
-            # The peer reset it before our end was queued: what waits is
-            # for no one. (Our FIN or reset, with what precedes it, still
-            # goes: the id is not reused before the peer has it, rule 7.)
+        if peer_reset or not (conn.out and type(conn.out[-1]) is OutControl):
+            # The peer reset it: what waits for the pipes, our FIN too, is
+            # for no one (the peer drops it; rule 6).
             self.outbound.drop_queue(conn)
+        # Otherwise our own end (an orderly FIN, or our reset after what the
+        # socket delivered) still goes; the LP frees the id only once it has
+        # (LocalRole.connection_over), so rule 7's quarantine starts then.
         self.role.connection_over(conn)
 
     def _log_end(self, conn: Connection) -> None:

@@ -1,4 +1,7 @@
-"""Review of 2d423eb (late binding): each test here demonstrates a defect.
+"""Late binding's edges, each found by a review of its first version
+(2d423eb) and kept as a regression test: ids and queued ends, a peer's
+reset, TLS pipes, the scheduler's memory, the cost per read, the session's
+limit after a drop, TCP_INFO reads per message.
 
 In memory (tests/support/rp_harness.py, lp_harness.py) except the TLS one,
 which uses real sockets (the ``env`` fixture) as tests/test_tls.py does.
@@ -71,7 +74,16 @@ def test_lp_does_not_reuse_an_id_whose_old_fin_is_still_queued(monkeypatch: pyte
     LP.reset(a)  # 0x99 queued behind the 10 bytes; over here: id 0 freed now
     lp.reactor.advance(10.5)  # the pipe still has not sent it
     c, tc = lp.accept()
-    assert not tc.disconnected, "the LP refused the client (the fix's other choice): fine"
+    # The one id is still quarantined (its 0x99 has not left): the client is refused.
+    assert tc.disconnected
+    lp_pipe.producer.resumeProducing()
+    carry()
+    assert rp.session.stats.protocol_errors == 0, "the RP saw a protocol error"
+    assert server_a.value() == b"A" * 10, f"the old server got {server_a.value()!r}"
+    lp.reactor.advance(10)  # the quarantine, counted from when the 0x99 left
+    c, tc = lp.accept()
+    assert not tc.disconnected
+    lp_pipe.producer.pauseProducing()
     c.dataReceived(b"C" * 10)
     lp_pipe.producer.resumeProducing()
     carry()
