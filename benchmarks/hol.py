@@ -121,6 +121,9 @@ class Sample:
     request_ms: float | None = None
     bulk_mbit: float | None = None
     error: str = ""
+    #: The machine's 1-minute load average after the load: the delay daemons
+    #: and proxies are Python, so a busy machine shows up in the times.
+    load1: float | None = None
 
 
 def p95(samples: Sequence[float]) -> float:
@@ -385,6 +388,14 @@ def markdown(samples: list[Sample], meta: dict[str, Any]) -> str:
         f" {meta['reps']} loads per path and cell; proxy args: `{meta['proxy_args'] or '(none)'}`.",
         "Page load in ms (median and p95, nearest rank); bulk: the download's median throughput during the loads.",
         "Ratios are of the p95.",
+    ]
+    loads = [s.load1 for s in samples if s.load1 is not None]
+    if loads:
+        lines.append(
+            f"Machine load (1-minute average, after each load): median {statistics.median(loads):.1f},"
+            f" max {max(loads):.1f} on {os.cpu_count()} CPUs."
+        )
+    lines += [
         "",
         "| workload | RTT ms | loss % | bulk | path | n | median | p95 | bulk Mbit/s | errors | 4p/1p | 4p/direct |",
         "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -528,6 +539,7 @@ def run(args: argparse.Namespace) -> int:
                                     bench.measure(workload, pipes_of[path], cell.bulk, s)
                                 except Exception as e:  # one load's failure is a result, not the end
                                     s.error = s.error or f"{type(e).__name__}: {e}"[:500]
+                                s.load1 = os.getloadavg()[0]
                                 samples.append(s)
                                 took = f"{s.load_ms:.0f} ms" if s.load_ms is not None else f"ERROR {s.error[:120]}"
                                 bulk = f", bulk {s.bulk_mbit:.1f} Mbit/s" if s.bulk_mbit is not None else ""
@@ -550,6 +562,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 meta["seconds"] = round(time.monotonic() - started, 1)
                 write_results(out, samples, meta)
+    # The delay daemons' last words (how late they released packets), now that the topology has closed.
+    meta["delayd"] = bed.t.wan.daemon_stats()
     table = write_results(out, samples, meta)
     why_no_plot = plot(samples, out / "hol.png")
     print()
