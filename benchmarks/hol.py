@@ -48,9 +48,11 @@ throughput, and the ratios 4 pipes / 1 pipe and 4 pipes / direct of the
 p95) and ``hol.png`` (p95 against loss, a panel per RTT, bulk and
 workload). Everything else (the site, the proxies' and nginx's logs, the
 browser's profile) goes to ``OUT/scratch``. A failure in one load or one
-cell is recorded as an error and the run goes on. Needs root.
+cell is recorded as an error and the run goes on. Needs root; run from the
+checkout's root with ``PYTHONPATH=.``, so the proxies, the bed and the
+clients are this checkout's (the venv may point at another one):
 
-    sudo .venv/bin/python benchmarks/hol.py [--quick] [--rtt 0,40,100] [--loss 0,0.5,1,2]
+    sudo PYTHONPATH=. .venv/bin/python benchmarks/hol.py [--quick] [--rtt 0,40,100] [--loss 0,0.5,1,2]
         [--bulk off,on] [--paths direct,1,4,8] [--workloads browser,script] [--reps 5]
         [--proxy-args "..."] [--label NAME] [--out bench/results]
 """
