@@ -265,3 +265,26 @@ def test_a_lone_message_does_not_cost_a_tcp_info_per_open_pipe(monkeypatch: pyte
         server.dataReceived(b"keystroke")
         rp.flush()
     assert calls[0] <= 2 * messages, f"{calls[0]} TCP_INFO calls for {messages} one-message batches ({n} pipes)"
+
+
+# -- the pipes' congestion control ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipe_congestion_sets_tcp_congestion_on_every_pipe_of_both_proxies(env: Env) -> None:
+    """--pipe-congestion: the pipes of both proxies use the named algorithm
+    (reno: available everywhere, unlike bbr or cubic in a namespace)."""
+    import socket
+
+    srv = await env.server(servers.echo(env.reactor))
+    rp = await env.rp(2, "--pipe-congestion", "reno")
+    lp = await env.lp(rp.port, 2, [srv.port], extra=["--pipe-congestion", "reno"])
+    await env.echo_round_trip(lp, "forward", srv.port, b"x" * 100_000)
+
+    def cc(sock: socket.socket) -> bytes:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
+
+    for proxy in (rp, lp):
+        for pipe in proxy.session.pipes.pipes:
+            sock = pipe.socket()
+            assert sock is not None and cc(sock) == b"reno", pipe.name

@@ -127,6 +127,7 @@ BAD = [
     ("pipe-lowat", "17MiB", "4096..16777216"),
     ("pipe-scheduler", "fastest", "delivery, rotation"),
     ("send-order", "random", "least-served, arrival"),
+    ("pipe-congestion", "warp", "(this kernel's)"),
     ("send-queue", "63KiB", "65536..1073741824"),
     ("total-send-queue", "1023KiB", "1048576..17179869184"),
 ]

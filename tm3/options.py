@@ -65,6 +65,23 @@ def parse_choice(option: str, text: str, choices: tuple[str, ...]) -> str:
     return text
 
 
+AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+
+
+def parse_congestion(option: str, text: str) -> str:
+    """A congestion control this kernel has (or "" for the system's default)."""
+    if not text:
+        return ""
+    try:
+        with open(AVAILABLE_CONGESTION) as f:
+            available = f.read().split()
+    except OSError:
+        return text  # not Linux: setting it will say
+    if text not in available:
+        raise usage.UsageError(f"--{option} must be one of {', '.join(available)} (this kernel's), not {text!r}")
+    return text
+
+
 def check_range(option: str, value: int, low: int, high: int | None) -> None:
     if value < low or (high is not None and value > high):
         raise usage.UsageError(f"--{option} must be in {_accepted(low, high)}, not {value}")
@@ -137,6 +154,8 @@ TUNING_PARAMETERS: list[list[Any]] = [
      "the batch a pipe is given when it can send (4KiB..16MiB)."],
     ["pipe-scheduler", None, "delivery", "Which pipe gets a batch: 'delivery' (earliest expected delivery, from "
      "TCP_INFO) or 'rotation' (round robin)."],
+    ["pipe-congestion", None, "", "TCP congestion control for the pipes (e.g. bbr, cubic; one of "
+     "/proc/sys/net/ipv4/tcp_available_congestion_control); default: the system's."],
     ["send-order", None, "least-served", "Which connection's bytes go next: 'least-served' (fewest bytes sent so "
      "far, one pick in 8 for the longest waiting) or 'arrival' (the longest waiting)."],
     ["send-queue", None, "256KiB", "Bytes one connection may queue for the pipes before its socket is paused "
@@ -160,6 +179,7 @@ def parse_tuning(config: usage.Options) -> None:
     config["session-window"] = parse_size("session-window", config["session-window"], 0, 64 * 1024**3)
     config["pipe-lowat"] = parse_size("pipe-lowat", config["pipe-lowat"], 4096, 16 * 1024**2)
     config["pipe-scheduler"] = parse_choice("pipe-scheduler", config["pipe-scheduler"], PIPE_ORDERS)
+    config["pipe-congestion"] = parse_congestion("pipe-congestion", config["pipe-congestion"])
     config["send-order"] = parse_choice("send-order", config["send-order"], tuple(SEND_ORDERS))
     config["send-queue"] = parse_size("send-queue", config["send-queue"], 64 * 1024, 1024**3)
     config["total-send-queue"] = parse_size("total-send-queue", config["total-send-queue"], 1024**2, 16 * 1024**3)
@@ -183,6 +203,7 @@ def settings_from(config: usage.Options) -> Settings:
         total_window_bytes=config["total-reorder-window"],
         pipe_lowat=config["pipe-lowat"],
         pipe_scheduler=config["pipe-scheduler"],
+        pipe_congestion=config["pipe-congestion"],
         send_share=SEND_ORDERS[config["send-order"]],
         send_queue=config["send-queue"],
         total_send_queue=config["total-send-queue"],

@@ -76,7 +76,9 @@ class Outbound:
         self.ready: LeastServedFirst[Connection] = LeastServedFirst(settings.send_share)
         self.control: deque[bytes] = deque()  # CREDIT messages: unsequenced, first
         self.queued = 0  # what waits in user space: payload + OUT_CHUNK_OVERHEAD a chunk
-        self.pipes = PipeSet(pipes, session.reactor, self.fill, settings.pipe_scheduler, settings.pipe_lowat)
+        self.pipes = PipeSet(
+            pipes, session.reactor, self.fill, settings.pipe_scheduler, settings.pipe_lowat, settings.pipe_congestion
+        )
         self.paused: set[Connection] = set()  # paused because the session is over its limit
         self.over = False  # the session is over total_send_queue (until under half)
         self.overdraft = 0  # socket bytes read while over

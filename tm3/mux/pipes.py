@@ -232,16 +232,27 @@ class PipeProtocol(Protocol):
         if self.connected_ and self.transport is not None:
             self.transport.writeSequence(batch)
 
-    def late_binding(self, lowat: int) -> None:
+    def late_binding(self, lowat: int, congestion: str = "") -> None:
         """Tune the pipe for late binding: the kernel keeps at most about
         ``lowat`` unsent bytes (``TCP_NOTSENT_LOWAT``), and the transport
-        closes the write gate on every write until it has drained."""
+        closes the write gate on every write until it has drained. And, if
+        named, the pipe's congestion control (``TCP_CONGESTION``)."""
         sock = self.socket()
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
             except OSError:
                 pass  # not Linux: the kernel buffer stays as it autotunes
+            if congestion:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+                except OSError as e:
+                    self.log.warn(
+                        "{pipe}: cannot use congestion control {cc!r} ({why}); the system's default stays",
+                        pipe=self.name,
+                        cc=congestion,
+                        why=e.strerror,
+                    )
         transport: object = self.transport
         for _ in range(3):  # under TLS, the TCP transport is the one that buffers
             # (isinstance, not hasattr: a TLS wrapper forwards attribute reads
@@ -359,6 +370,7 @@ class PipeSet:
         fill: Callable[[PipeProtocol], None],
         order: str = DELIVERY_TIME,
         lowat: int = DEFAULT_PIPE_LOWAT,
+        congestion: str = "",
     ) -> None:
         if order not in PIPE_ORDERS:
             raise ValueError(f"unknown pipe order {order!r}")
@@ -376,7 +388,7 @@ class PipeSet:
         for index, pipe in enumerate(self.pipes):
             pipe.pipe_set = self
             pipe.name = f"{pipe.name} (#{index})"
-            pipe.late_binding(lowat)
+            pipe.late_binding(lowat, congestion)
             if not pipe.gate.is_blocked:
                 self.open += 1
 

@@ -37,6 +37,7 @@ class Settings:
     # Late binding and scheduling (tm3/mux/outbound.py, tm3/core/schedule.py).
     pipe_lowat: int = DEFAULT_PIPE_LOWAT
     pipe_scheduler: str = DELIVERY_TIME
+    pipe_congestion: str = ""  # TCP_CONGESTION on every pipe; "" keeps the system's default
     send_queue: int = 256 * 1024
     total_send_queue: int = 16 * MiB
     send_share: int = DEFAULT_SHARE

@@ -55,6 +55,7 @@ ENVIRONMENT = {
     "TM3_SESSION_WINDOW": "session-window",
     "TM3_PIPE_LOWAT": "pipe-lowat",
     "TM3_PIPE_SCHEDULER": "pipe-scheduler",
+    "TM3_PIPE_CONGESTION": "pipe-congestion",
     "TM3_SEND_ORDER": "send-order",
     "TM3_SEND_QUEUE": "send-queue",
     "TM3_TOTAL_SEND_QUEUE": "total-send-queue",
