@@ -59,6 +59,17 @@ def parse_seconds(option: str, text: str, low: float, high: float) -> float:
     return value
 
 
+def parse_seconds_or_off(option: str, text: str, high: float) -> float:
+    """Seconds in 0..``high``, where 0 means off."""
+    try:
+        value = float(str(text))
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= high:  # (also NaN)
+        raise usage.UsageError(f"--{option} must be a number of seconds in 0..{high:g} (0: off), not {text!r}")
+    return value
+
+
 def parse_choice(option: str, text: str, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise usage.UsageError(f"--{option} must be one of {', '.join(choices)}, not {text!r}")
@@ -145,6 +156,10 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["total-queue", None, "64MiB", "v1: bytes queued for all sockets before all pipes pause (64KiB..16GiB)."],
     ["stall-timeout", None, "10", "Seconds a socket may take none of its queue while the queues keep every pipe "
      "paused; then that connection is reset (0 < s <= 3600)."],
+    ["half-close-timeout", None, "120", "Seconds a connection waits for the peer's FIN after sending ours; then "
+     "it is given up (socket reset, id freed). 0: no limit (0..86400)."],
+    ["idle-timeout", None, "0", "Seconds a connection may move no byte either way before it is reset; 0: off "
+     "(0..86400)."],
     ["initial-window", None, "256KiB", "v2: payload bytes the peer may send on a connection before our first CREDIT "
      "(4KiB..1GiB)."],
     ["max-window", None, "16MiB", "v2: the most a connection's window grows to (--initial-window..1GiB)."],
@@ -174,6 +189,8 @@ def parse_tuning(config: usage.Options) -> None:
     config["conn-queue"] = parse_size("conn-queue", config["conn-queue"], 64 * 1024, 1024**3)
     config["total-queue"] = parse_size("total-queue", config["total-queue"], 64 * 1024, 16 * 1024**3)
     config["stall-timeout"] = parse_seconds("stall-timeout", config["stall-timeout"], 0, 3600)
+    config["half-close-timeout"] = parse_seconds_or_off("half-close-timeout", config["half-close-timeout"], 86400)
+    config["idle-timeout"] = parse_seconds_or_off("idle-timeout", config["idle-timeout"], 86400)
     config["initial-window"] = parse_size("initial-window", config["initial-window"], 4096, 1024**3)
     config["max-window"] = parse_size("max-window", config["max-window"], config["initial-window"], 1024**3)
     config["session-window"] = parse_size("session-window", config["session-window"], 0, 64 * 1024**3)
@@ -196,6 +213,8 @@ def settings_from(config: usage.Options) -> Settings:
         conn_queue_limit=config["conn-queue"],
         total_queue_limit=config["total-queue"],
         stall_timeout=config["stall-timeout"],
+        half_close_timeout=config["half-close-timeout"],
+        idle_timeout=config["idle-timeout"],
         initial_window=config["initial-window"],
         max_window=config["max-window"],
         session_window=config["session-window"],

@@ -33,6 +33,7 @@ from tm3.mux.pipes import PipeProtocol, PipeSet
 from tm3.mux.role import IRole
 from tm3.mux.settings import V1, Settings, Stats, Terms
 from tm3.mux.stream import StreamProtocol
+from tm3.mux.timeouts import Timeouts
 from tm3.reactor import IProxyReactor
 
 EndCallback = Callable[["Session", str], None]
@@ -70,6 +71,7 @@ class Session:
             pipe.decoder.v2 = terms.v2  # before the early bytes are replayed
         self.inbound = Inbound(self)
         self.outbound = Outbound(self, pipes)
+        self.timeouts = Timeouts(self)
         self.role = role(self)
         stats.sessions += 1
         for pipe in pipes:
@@ -117,6 +119,8 @@ class Session:
                 self.role.connect(conn)
         if life.over and not was_over:
             self._over(conn, peer_reset=event is Event.PEER_RST)
+        elif not life.over:
+            self.timeouts.state_changed(conn)
 
     def attach(self, conn: Connection, stream: StreamProtocol) -> None:
         """The connection's socket is up."""
@@ -164,6 +168,7 @@ class Session:
 
     def _over(self, conn: Connection, peer_reset: bool = False) -> None:
         self.live.discard(conn)
+        self.timeouts.forget(conn)
         self.outbound.drop_backlog(conn)
         if conn.rwin is not None:
             conn.rwin.release()
@@ -253,6 +258,7 @@ class Session:
             self.inbound.drop_queue(conn)
         self.conns.clear()
         self.inbound.close()
+        self.timeouts.close()
         self.role.session_ended()
         self.outbound.close()
         self.log.info(

@@ -30,6 +30,8 @@ class Settings:
     orphan_total_limit: int = 16 * MiB
     reuse_grace: float = 2.0
     stall_timeout: float = 10.0
+    half_close_timeout: float = 120.0  # 0: wait for the peer's FIN for ever
+    idle_timeout: float = 0.0  # 0: off
     # Version 2 flow control (tm3/core/credit.py).
     initial_window: int = DEFAULT_INITIAL_WINDOW
     max_window: int = DEFAULT_MAX_WINDOW
