@@ -96,3 +96,20 @@ def test_idle_timeout_is_off_by_default() -> None:
     rp.accept()
     rp.reactor.advance(86400)
     assert 3 in session.conns
+
+
+def test_a_peer_still_sending_after_our_fin_is_not_given_up() -> None:
+    """A client that half-closes after its request and then downloads for
+    longer than the timeout: only the peer's silence counts."""
+    lp = LP(n=1, half_close_timeout=120.0)
+    session = lp.up()
+    client, transport = lp.accept()
+    client.readConnectionLost()
+    lp.received()
+    for seq in range(5):
+        lp.reactor.advance(100)
+        lp.send(Data(0, seq, b"more"))
+    assert session.conns[0].life.state is State.OPEN_LOCAL_DONE and not transport.disconnecting
+    for _ in range(25):  # then silence, for 250 s
+        lp.reactor.advance(10)
+    assert 0 not in session.conns and lp.stats.ended_by == {"half-close-timeout": 1}

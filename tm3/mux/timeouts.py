@@ -4,7 +4,9 @@
   have sent our FIN, the connection waits for the peer's. A peer that never
   sends one (a public RP was seen to close the server connection on the
   LP's FIN and say nothing more) would otherwise keep the connection, its
-  socket and its id for good. Past the timeout the connection is given up
+  socket and its id for good. Once the peer has sent nothing for that long
+  (it may well go on sending after our FIN: a download after a request and
+  a half-close), the connection is given up
   (the life cycle's ABORT, ``how`` "half-close-timeout"): the socket is
   reset, the id freed.
 - **Idle** (``--idle-timeout``, off by default): a connection that moved no
@@ -51,11 +53,20 @@ class Timeouts:
 
     def state_changed(self, conn: Connection) -> None:
         if self.half_close > 0 and conn.life.state in LINGERING and conn not in self._lingering:
-            self._lingering[conn] = self.session.reactor.callLater(self.half_close, self._linger_expired, conn)
+            self._arm(conn)
 
-    def _linger_expired(self, conn: Connection) -> None:
+    def _arm(self, conn: Connection) -> None:
+        received = conn.bytes_in + conn.queued + conn.rx.held_bytes
+        self._lingering[conn] = self.session.reactor.callLater(self.half_close, self._linger_expired, conn, received)
+
+    def _linger_expired(self, conn: Connection, received: int) -> None:
         del self._lingering[conn]
         if conn.life.state not in LINGERING or self.session.ended:
+            return
+        if conn.bytes_in + conn.queued + conn.rx.held_bytes != received:
+            # The peer is still sending (a download after the client's
+            # request and half-close): only its silence counts.
+            self._arm(conn)
             return
         self.log.info(
             "conn {conn_id} to {host}:{port}: no FIN from the peer {seconds:g} s after ours; giving it up",
