@@ -129,6 +129,7 @@ BAD = [
     ("send-order", "random", "least-served, arrival"),
     ("pipe-congestion", "warp", "(this kernel's)"),
     ("half-close-timeout", "-1", "0..86400 (0: off)"),
+    ("max-connections", "65537", "0..65536"),
     ("idle-timeout", "forever", "0..86400 (0: off)"),
     ("send-queue", "63KiB", "65536..1073741824"),
     ("total-send-queue", "1023KiB", "1048576..17179869184"),

@@ -87,6 +87,10 @@ class LocalProxy(MultiService):
         session = self.sessions.current
         if session is None:
             raise NoRoute("no pipe session to the RP")
+        limit = session.settings.max_connections
+        if limit and len(session.live) >= limit:
+            self.stats.connections_refused += 1
+            raise NoRoute(f"{len(session.live)} connections open, --max-connections {limit}")
         try:
             return session, cast(LocalRole, session.role).open(host, port)
         except (IdsExhausted, ValueError) as e:

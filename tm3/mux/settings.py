@@ -32,6 +32,7 @@ class Settings:
     stall_timeout: float = 10.0
     half_close_timeout: float = 120.0  # 0: wait for the peer's FIN for ever
     idle_timeout: float = 0.0  # 0: off
+    max_connections: int = 16384  # per session (the RP) and per LP; 0: no limit
     # Version 2 flow control (tm3/core/credit.py).
     initial_window: int = DEFAULT_INITIAL_WINDOW
     max_window: int = DEFAULT_MAX_WINDOW
@@ -73,6 +74,7 @@ class Stats:
     connections_closed: int = 0
     connect_failures: int = 0
     destinations_denied: int = 0
+    connections_refused: int = 0  # past --max-connections
     bytes_from_pipes: int = 0  # payload written to sockets
     bytes_to_pipes: int = 0  # payload read from sockets
     messages_received: int = 0

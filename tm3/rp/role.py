@@ -142,6 +142,19 @@ class RemoteRole:
         # else: parked behind the id's older connection, which starts it when over
 
     def _start(self, conn: Connection) -> None:
+        limit = self.settings.max_connections
+        if limit and len(self.session.live) > limit:
+            self.stats.connections_refused += 1
+            if self.stats.connections_refused == 1 or self.stats.connections_refused % 1000 == 0:
+                self.log.warn(
+                    "{session}: {n} connections open, --max-connections {limit}: refusing new ones ({refused} so far)",
+                    session=self.session.name,
+                    n=len(self.session.live) - 1,
+                    limit=limit,
+                    refused=self.stats.connections_refused,
+                )
+            self.session.event(conn, Event.DENIED, "max-connections")
+            return
         verdict = self.destinations.check(conn.host, conn.port)
         if verdict.allowed:
             self.session.event(conn, Event.CONNECT)

@@ -1,4 +1,4 @@
-"""Bounds on waiting for nothing (tm3/mux/timeouts.py): the half-close linger
+"""Limits on what a connection may hold (tm3/mux/timeouts.py, --max-connections): the half-close linger,
 and the idle timeout, on both proxies, in memory with a clock."""
 
 from __future__ import annotations
@@ -113,3 +113,31 @@ def test_a_peer_still_sending_after_our_fin_is_not_given_up() -> None:
     for _ in range(25):  # then silence, for 250 s
         lp.reactor.advance(10)
     assert 0 not in session.conns and lp.stats.ended_by == {"half-close-timeout": 1}
+
+
+# -- --max-connections (the same module's neighbour: limits on what waits) ----------
+
+
+def test_the_rp_refuses_syns_past_max_connections_with_a_reset(logs: LogCapture) -> None:
+    rp = RP(n=1, max_connections=2)
+    session = rp.up()
+    rp.send(Syn(3, 0, HOST, PORT), Syn(4, 0, HOST, PORT), Syn(5, 0, HOST, PORT))
+    assert len(rp.reactor.tcpClients) == 2  # the third is not connected
+    assert Fin(5, 0, 0x99) in rp.sent()
+    assert rp.mux.stats.connections_refused == 1 and rp.mux.stats.ended_by == {"max-connections": 1}
+    assert logs.matching("--max-connections 2: refusing new ones")
+    _, t = rp.accept(0)
+    rp.send(Fin(3, 1, 0x99))  # one ends: room for the next
+    rp.send(Syn(6, 0, HOST, PORT))
+    assert len(rp.reactor.tcpClients) == 3 and 6 in session.conns
+
+
+def test_the_lp_refuses_clients_past_max_connections() -> None:
+    lp = LP(n=1, max_connections=2)
+    lp.up()
+    lp.accept()
+    lp.accept()
+    _, refused = lp.accept()
+    assert refused.disconnected and refused.value() == b""
+    assert [m.conn_id for m in lp.received()] == [0, 1]
+    assert lp.stats.connections_refused == 1
