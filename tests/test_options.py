@@ -130,6 +130,7 @@ BAD = [
     ("pipe-congestion", "warp", "(this kernel's)"),
     ("half-close-timeout", "-1", "0..86400 (0: off)"),
     ("max-connections", "65537", "0..65536"),
+    ("drain-timeout", "soon", "0..86400 (0: off)"),
     ("idle-timeout", "forever", "0..86400 (0: off)"),
     ("send-queue", "63KiB", "65536..1073741824"),
     ("total-send-queue", "1023KiB", "1048576..17179869184"),

@@ -1187,13 +1187,30 @@ def test_a_repeated_eof_from_the_server_sends_one_fin() -> None:
     assert rp.sent() == [Fin(3, 0, 0x88)]
 
 
-def test_stopping_the_service_ends_the_session() -> None:
-    rp = RP(n=1)
+def test_stopping_the_service_with_no_drain_ends_the_session() -> None:
+    rp = RP(n=1, drain_timeout=0)
     session = rp.up()
     _, server = open_conn(rp)
     rp.mux.stopService()
     assert session.ended and server.disconnected
     assert rp.mux.session is None
+
+
+def test_stopping_refuses_new_syns_and_lets_open_connections_finish() -> None:
+    rp = RP(n=1, drain_timeout=10)
+    session = rp.up()
+    proto, server = open_conn(rp, cid=3)
+    stopped = rp.mux.stopService()
+    rp.send(Syn(4, 0, HOST, PORT))
+    assert Fin(4, 0, 0x99) in rp.sent() and len(rp.reactor.tcpClients) == 1  # refused, not connected
+    assert rp.mux.stats.ended_by == {"draining": 1}
+    proto.dataReceived(b"last bytes")
+    proto.readConnectionLost()
+    rp.send(Fin(3, 1, 0x88))
+    assert not session.ended  # (the poll notices in a tenth of a second)
+    rp.reactor.advance(0.1)
+    assert session.ended and stopped.called
+    assert rp.sent() == [Data(3, 0, b"last bytes"), Fin(3, 1, 0x88)]
 
 
 # -- scale ------------------------------------------------------------------------------

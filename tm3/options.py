@@ -156,6 +156,8 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["total-queue", None, "64MiB", "v1: bytes queued for all sockets before all pipes pause (64KiB..16GiB)."],
     ["stall-timeout", None, "10", "Seconds a socket may take none of its queue while the queues keep every pipe "
      "paused; then that connection is reset (0 < s <= 3600)."],
+    ["drain-timeout", None, "10", "On SIGTERM (stop): seconds the open connections may take to finish while no new "
+     "ones are taken; then they are reset. 0: reset at once (0..86400)."],
     ["max-connections", None, "16384", "Connections open at once: per session on the RP (more SYNs get FIN 0x99), "
      "for the whole LP (more clients are refused); 0: no limit (0..65536)."],
     ["half-close-timeout", None, "120", "Seconds a connection waits for the peer's FIN after sending ours; then "
@@ -191,6 +193,7 @@ def parse_tuning(config: usage.Options) -> None:
     config["conn-queue"] = parse_size("conn-queue", config["conn-queue"], 64 * 1024, 1024**3)
     config["total-queue"] = parse_size("total-queue", config["total-queue"], 64 * 1024, 16 * 1024**3)
     config["stall-timeout"] = parse_seconds("stall-timeout", config["stall-timeout"], 0, 3600)
+    config["drain-timeout"] = parse_seconds_or_off("drain-timeout", config["drain-timeout"], 86400)
     config["max-connections"] = parse_int("max-connections", config["max-connections"], 0, 65536)
     config["half-close-timeout"] = parse_seconds_or_off("half-close-timeout", config["half-close-timeout"], 86400)
     config["idle-timeout"] = parse_seconds_or_off("idle-timeout", config["idle-timeout"], 86400)
@@ -218,6 +221,7 @@ def settings_from(config: usage.Options) -> Settings:
         stall_timeout=config["stall-timeout"],
         half_close_timeout=config["half-close-timeout"],
         max_connections=config["max-connections"],
+        drain_timeout=config["drain-timeout"],
         idle_timeout=config["idle-timeout"],
         initial_window=config["initial-window"],
         max_window=config["max-window"],

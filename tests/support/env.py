@@ -70,7 +70,10 @@ class Env:
             held.close()
         config = rp_tap.Options()
         allow = ["--allow-to", "127.0.0.0/8"] if allow_loopback else []
-        config.parseOptions(["--pipes", str(pipes), "--listen", f"tcp:{port}:interface={HOST}", *allow, *extra])
+        # No drain on stop unless a test asks (teardown would wait for open clients).
+        config.parseOptions(
+            ["--pipes", str(pipes), "--listen", f"tcp:{port}:interface={HOST}", "--drain-timeout", "0", *allow, *extra]
+        )
         service = rp_tap.makeService(config, self.reactor)
         service.startService()
         listening = await within(service.when_listening(), 5, "the RP to listen")
@@ -92,7 +95,8 @@ class Env:
         replaces ``127.0.0.1:rp_port`` (an endpoint string); ``wait``: until
         its session is up."""
         remote = f"{HOST}:{rp_port}" if remote is None else remote
-        argv = ["--remote", remote, "--pipes", str(pipes), "--socks", f"tcp:0:interface={HOST}", *extra]
+        argv = ["--remote", remote, "--pipes", str(pipes), "--socks", f"tcp:0:interface={HOST}", "--drain-timeout", "0"]
+        argv += extra
         for port in forward:
             argv += ["--forward", f"tcp:0:interface={HOST}:{HOST}:{port}"]
         config = lp_tap.Options()

@@ -192,7 +192,7 @@ class Level4:
                 self.rp_host,
                 self.workdir / "rp.log",
                 ["tm3rp", "--pipes", str(pipes), "--listen", f"tcp:{RP_PORT}:interface={self.t.rp_ip}",
-                 "--key-file", str(self.key_file), *extra],
+                 "--key-file", str(self.key_file), "--drain-timeout", "0", *extra],
             )  # fmt: skip
         rp = self.rp
         rp.start()
@@ -207,7 +207,7 @@ class Level4:
                 ["tm3lp", "--pipes", str(pipes), "--remote", f"{self.t.rp_ip}:{RP_PORT}",
                  "--key-file", str(self.key_file),
                  "--socks", f"tcp:{SOCKS_PORT}:interface=127.0.0.1", "--transparent", f"tcp:{TRANSPARENT_PORT}",
-                 *extra],
+                 "--drain-timeout", "0", *extra],
             )  # fmt: skip
         self.lp.start()
         self.wait_session()

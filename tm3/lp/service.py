@@ -15,7 +15,7 @@ import socket
 from typing import Any, cast
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -87,6 +87,8 @@ class LocalProxy(MultiService):
         session = self.sessions.current
         if session is None:
             raise NoRoute("no pipe session to the RP")
+        if session.draining:
+            raise NoRoute("the LP is stopping")
         limit = session.settings.max_connections
         if limit and len(session.live) >= limit:
             self.stats.connections_refused += 1
@@ -126,10 +128,13 @@ class LocalProxy(MultiService):
         self.dialer.start()
 
     def stopService(self) -> Any:
+        """Stop listening (no new clients), let the open connections finish
+        for up to --drain-timeout, then end the session."""
         self.running = False  # before ending the session: no reconnect now
         self.dialer.stop()
-        self.sessions.end("service stopping")
-        return super().stopService()
+        listeners = super().stopService()
+        drained = self.sessions.drain(self.sessions.settings.drain_timeout)
+        return gatherResults([listeners, drained])
 
     def _set_accepting(self, on: bool) -> None:
         for listener in self.listeners:

@@ -56,6 +56,7 @@ ENVIRONMENT = {
     "TM3_REORDER_WINDOW": "reorder-window",
     "TM3_TOTAL_REORDER_WINDOW": "total-reorder-window",
     "TM3_MAX_CONNECTIONS": "max-connections",
+    "TM3_DRAIN_TIMEOUT": "drain-timeout",
     "TM3_HALF_CLOSE_TIMEOUT": "half-close-timeout",
     "TM3_IDLE_TIMEOUT": "idle-timeout",
     "TM3_PIPE_LOWAT": "pipe-lowat",

@@ -63,6 +63,7 @@ class Session:
         self.name = name
         self.on_end = on_end
         self.ended = False
+        self.draining = False  # the proxy is stopping: no new connections
         self.started = time.monotonic()
         self.conns: dict[int, Connection] = {}  # the current connection of each id
         self.live: set[Connection] = set()  # not over yet (with parked ones)

@@ -6,11 +6,19 @@ their own, side by side), one key on the LP. A newer complete set replaces
 the session with the same key only (docs/protocol.md, "Pipes and sessions":
 an LP that restarted may come back before the RP notices the old pipes are
 dead). The owner is told when a session comes up and when it ends.
+
+When the proxy stops, :meth:`Sessions.drain` lets the open connections
+finish (no new ones are taken) for up to ``--drain-timeout`` seconds, then
+ends the sessions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from tm3.mux.pipes import PipeProtocol
 from tm3.mux.role import IRole
@@ -18,8 +26,12 @@ from tm3.mux.session import Session
 from tm3.mux.settings import V1, Settings, Stats, Terms
 from tm3.reactor import IProxyReactor
 
+DRAIN_POLL = 0.1  # how often a drain checks whether every connection is over
+
 
 class Sessions:
+    log = Logger()
+
     def __init__(
         self,
         reactor: IProxyReactor,
@@ -86,3 +98,46 @@ class Sessions:
     def end(self, why: str) -> None:
         for session in list(self.by_key.values()):
             session.end(why)
+
+    def open_connections(self) -> int:
+        return sum(len(session.live) for session in self.by_key.values())
+
+    def drain(self, timeout: float, why: str = "service stopping") -> Deferred[None]:
+        """Take no new connections; once every open one is over, or after
+        ``timeout`` seconds, end every session (``why``). Fires then."""
+        for session in self.by_key.values():
+            session.draining = True
+        open_now = self.open_connections()
+        if timeout <= 0 or open_now == 0:
+            self.end(why)
+            return succeed(None)
+        self.log.info(
+            "draining: {n} connection{s} open; waiting up to {t:g} s for them to finish",
+            n=open_now,
+            s="" if open_now == 1 else "s",
+            t=timeout,
+        )
+        done: Deferred[None] = Deferred()
+        deadline = self.reactor.seconds() + timeout
+
+        def check() -> None:
+            left = self.open_connections()
+            if left and self.reactor.seconds() < deadline:
+                return
+            poll.stop()
+            if left:
+                self.log.warn(
+                    "drain timeout after {t:g} s: resetting {n} connection{s} still open",
+                    t=timeout,
+                    n=left,
+                    s="" if left == 1 else "s",
+                )
+            else:
+                self.log.info("drained: every connection finished")
+            self.end(why)
+            done.callback(None)
+
+        poll = LoopingCall(check)
+        poll.clock = self.reactor
+        poll.start(DRAIN_POLL, now=False)
+        return done

@@ -32,6 +32,7 @@ class Settings:
     stall_timeout: float = 10.0
     half_close_timeout: float = 120.0  # 0: wait for the peer's FIN for ever
     idle_timeout: float = 0.0  # 0: off
+    drain_timeout: float = 10.0  # on stop: how long open connections may finish; 0: reset them at once
     max_connections: int = 16384  # per session (the RP) and per LP; 0: no limit
     # Version 2 flow control (tm3/core/credit.py).
     initial_window: int = DEFAULT_INITIAL_WINDOW

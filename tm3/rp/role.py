@@ -142,6 +142,9 @@ class RemoteRole:
         # else: parked behind the id's older connection, which starts it when over
 
     def _start(self, conn: Connection) -> None:
+        if self.session.draining:
+            self.session.event(conn, Event.DENIED, "draining")
+            return
         limit = self.settings.max_connections
         if limit and len(self.session.live) > limit:
             self.stats.connections_refused += 1

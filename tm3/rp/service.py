@@ -71,8 +71,10 @@ class Multiplexer(Service):
         )
 
     def stopService(self) -> Any:
-        self.sessions.end("service stopping")
-        return super().stopService()
+        """Refuse new connections (FIN 0x99 to every SYN), let the open ones
+        finish for up to --drain-timeout, then end the sessions."""
+        super().stopService()
+        return self.sessions.drain(self.settings.drain_timeout)
 
 
 def is_local_address(host: str) -> bool:

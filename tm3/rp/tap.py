@@ -54,6 +54,7 @@ ENVIRONMENT = {
     "TM3_MAX_WINDOW": "max-window",
     "TM3_SESSION_WINDOW": "session-window",
     "TM3_MAX_CONNECTIONS": "max-connections",
+    "TM3_DRAIN_TIMEOUT": "drain-timeout",
     "TM3_HALF_CLOSE_TIMEOUT": "half-close-timeout",
     "TM3_IDLE_TIMEOUT": "idle-timeout",
     "TM3_PIPE_LOWAT": "pipe-lowat",
