@@ -159,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_logs(lp_log, rp_log)
         status = 0 if direct.returncode == 0 and through.returncode == 0 else 1
         print("\nresult:", "every byte verified, direct and through TM3" if status == 0 else "FAILED (see above)")
+        if status == 0:
+            print(
+                "\nOn loopback TM3 is slower than direct: there is no delay or loss for its pipes to\n"
+                "hide, only two more processes to cross. Its gain shows on a wide-area path: see the\n"
+                "README's head-of-line experiment (benchmarks/hol.py, bench/results/hol/)."
+            )
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"tm3-demo: {e}", file=sys.stderr)
     except KeyboardInterrupt:
