@@ -7,9 +7,11 @@
 import sys
 
 from twisted.application import service
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from tm3.cli import EXIT_USAGE
+from tm3.logs import tac_observer
 from tm3.lp.tap import makeService, options_from_env
 
 try:
@@ -19,4 +21,7 @@ except usage.UsageError as e:
     sys.exit(EXIT_USAGE)  # a service manager need not retry
 
 application = service.Application("tm3lp")
+observer = tac_observer(config["log-format"])  # TM3_LOG_FORMAT=json: JSON lines on stdout
+if observer is not None:
+    application.setComponent(ILogObserver, observer)
 makeService(config).setServiceParent(application)

@@ -14,6 +14,7 @@ from twisted.python import usage
 from tm3.core.handshake import load_key
 from tm3.core.schedule import DEFAULT_SHARE
 from tm3.core.wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
+from tm3.logs import LOG_FORMATS, use_log_format
 from tm3.mux.pipes import PIPE_ORDERS
 from tm3.mux.settings import Settings
 from tm3.reactor import default_reactor
@@ -184,6 +185,34 @@ TUNING_PARAMETERS: list[list[Any]] = [
     ["reorder-window", None, "64MiB", "Bytes one connection may hold for a sequence gap (1MiB..16GiB); more is a protocol error."],
     ["total-reorder-window", None, "256MiB", "Bytes all connections may hold for gaps (1MiB..64GiB); more is a protocol error."],
 ]  # fmt: skip
+
+
+# What both proxies show of themselves: metrics, the log's format, the summary line.
+OBSERVE_PARAMETERS: list[list[Any]] = [
+    ["metrics", None, None, "Serve Prometheus metrics at /metrics on this server endpoint, like "
+     "tcp:9100:interface=127.0.0.1 (default: off)."],
+    ["log-format", None, "text", "How the log is written: 'text' (twistd's lines) or 'json' (one JSON object per "
+     "line on standard output, each event's fields as keys)."],
+    ["summary-interval", None, "60", "Seconds between the summary lines in the log (pipes up, connections open, "
+     "bytes and rates each way); 0: none, only the one at exit (0..86400)."],
+]  # fmt: skip
+
+
+def parse_observe(config: usage.Options) -> None:
+    """Check and convert the :data:`OBSERVE_PARAMETERS` in place, and under
+    twistd make it log in ``--log-format``."""
+    if config["metrics"] is not None:
+        check_server_endpoint("metrics", config["metrics"])
+    config["log-format"] = parse_choice("log-format", config["log-format"], LOG_FORMATS)
+    text = config["summary-interval"]
+    try:
+        interval = float(str(text))
+    except ValueError:
+        interval = -1.0
+    if not 0 <= interval <= 86400:
+        raise usage.UsageError(f"--summary-interval must be a number of seconds in 0..86400 (0: off), not {text!r}")
+    config["summary-interval"] = interval
+    use_log_format(config, config["log-format"])
 
 
 def parse_tuning(config: usage.Options) -> None:

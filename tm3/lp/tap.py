@@ -18,19 +18,23 @@ from tm3.core.addresses import NotIPv4
 from tm3.lp.clients import forward_factory, socks_factory, transparent_factory
 from tm3.lp.rules import RedirectRules, parse_redirect
 from tm3.lp.service import LocalProxy, resolve_ipv4
+from tm3.metrics import MetricsService, ProxyCollector
 from tm3.mux.settings import Settings
 from tm3.options import (
+    OBSERVE_PARAMETERS,
     TUNING_PARAMETERS,
     check_client_endpoint,
     check_server_endpoint,
     options_from_environment,
     parse_int,
+    parse_observe,
     parse_seconds,
     parse_tuning,
     read_key_file,
     settings_from,
 )
 from tm3.reactor import IProxyReactor, default_reactor
+from tm3.summary import SummaryService
 
 DEFAULT_RP_PORT = 6000
 SOCKS_TIMEOUT = 10.0
@@ -65,6 +69,9 @@ ENVIRONMENT = {
     "TM3_SEND_ORDER": "send-order",
     "TM3_SEND_QUEUE": "send-queue",
     "TM3_TOTAL_SEND_QUEUE": "total-send-queue",
+    "TM3_METRICS": "metrics",
+    "TM3_LOG_FORMAT": "log-format",
+    "TM3_SUMMARY_INTERVAL": "summary-interval",
 }
 
 
@@ -165,6 +172,7 @@ class Options(ProxyOptions):
          "rules tm3-redirect installs, for these destination ports, to the transparent listener's port, while the LP "
          "runs (removed when it stops). Needs root or CAP_NET_ADMIN."],
         *TUNING_PARAMETERS,
+        *OBSERVE_PARAMETERS,
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -184,6 +192,7 @@ class Options(ProxyOptions):
             raise usage.UsageError("--pipes is required: how many pipes to open to the RP (1..1024)")
         self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
         parse_tuning(self)
+        parse_observe(self)
         self["remote-display"] = self["remote"]
         self["remote"] = parse_remote(self["remote"], self["connect-timeout"])
         self["handshake-timeout"] = parse_seconds("handshake-timeout", self["handshake-timeout"], 0, 600)
@@ -245,6 +254,12 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> LocalP
             f"forward to {fhost}:{fport}",
             address=listen,
         )
+    sessions = proxy.sessions.by_key.values
+    if config["metrics"] is not None:
+        MetricsService(
+            reactor, config["metrics"], ProxyCollector("lp", proxy.stats, sessions), "tm3lp"
+        ).setServiceParent(proxy)
+    SummaryService(reactor, "lp", proxy.stats, sessions, config["summary-interval"]).setServiceParent(proxy)
     if config["redirect"] is not None and transparent is not None:
         # The last child: it starts once every listener listens (the rules
         # need the transparent port, and a listener that cannot listen stops

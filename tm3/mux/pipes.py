@@ -110,6 +110,9 @@ class PipeProtocol(Protocol):
         self.early_bytes = 0
         self.early_paused = False
         self.connected_ = False
+        # For --metrics (tm3/metrics.py): what went each way, framed.
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # -- Twisted callbacks -------------------------------------------------
 
@@ -160,9 +163,11 @@ class PipeProtocol(Protocol):
         self.group = group
         group.pipe_made(self)
         if rest and self.connected_:
+            self.bytes_received -= len(rest)  # counted as it came, for the greeter
             self.dataReceived(rest)
 
     def dataReceived(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         owner = self.owner
         if owner is not None:
             owner.pipe_data(self, data)
@@ -230,6 +235,7 @@ class PipeProtocol(Protocol):
     def write_batch(self, batch: list[bytes]) -> None:
         """Write one batch of encoded messages (one ``writeSequence``)."""
         if self.connected_ and self.transport is not None:
+            self.bytes_sent += sum(map(len, batch))
             self.transport.writeSequence(batch)
 
     def late_binding(self, lowat: int, congestion: str = "") -> None:

@@ -17,12 +17,15 @@ from twisted.python import usage
 from tm3.cli import ProxyOptions, cannot_start, os_reason
 from tm3.core.destinations import BadRule, DestinationPolicy, parse_rule
 from tm3.listening import ListeningService
+from tm3.metrics import MetricsService, ProxyCollector
 from tm3.mux.settings import Settings
 from tm3.options import (
+    OBSERVE_PARAMETERS,
     TUNING_PARAMETERS,
     check_server_endpoint,
     options_from_environment,
     parse_int,
+    parse_observe,
     parse_seconds,
     parse_tuning,
     read_key_file,
@@ -31,6 +34,7 @@ from tm3.options import (
 from tm3.reactor import IProxyReactor, default_reactor
 from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT
 from tm3.rp.service import DEFAULT_MAX_PENDING, Multiplexer, PipeFactory, is_local_address
+from tm3.summary import SummaryService
 from tm3.tls import server_from_string
 
 ENVIRONMENT = {
@@ -63,6 +67,9 @@ ENVIRONMENT = {
     "TM3_SEND_ORDER": "send-order",
     "TM3_SEND_QUEUE": "send-queue",
     "TM3_TOTAL_SEND_QUEUE": "total-send-queue",
+    "TM3_METRICS": "metrics",
+    "TM3_LOG_FORMAT": "log-format",
+    "TM3_SUMMARY_INTERVAL": "summary-interval",
 }
 # Flags: set when the variable is 1, yes or true.
 FLAGS = {"TM3_ALLOW_V1": "allow-v1"}
@@ -95,6 +102,7 @@ class Options(ProxyOptions):
         ["handshake-timeout", None, str(HANDSHAKE_TIMEOUT), "Seconds a v2 pipe has to finish its handshake "
          "(0 < s <= 600)."],
         *TUNING_PARAMETERS,
+        *OBSERVE_PARAMETERS,
     ]  # fmt: skip
     optFlags = [
         ["allow-v1", None, "With --key-file: serve v1 pipes (the reference LP, unauthenticated) as well."],
@@ -146,6 +154,7 @@ class Options(ProxyOptions):
         else:
             self["max-pending-pipes"] = parse_int("max-pending-pipes", self["max-pending-pipes"], self["pipes"], 65536)
         parse_tuning(self)
+        parse_observe(self)
         check_server_endpoint("listen", self["listen"], server_from_string)
         self["hello-wait"] = parse_seconds("hello-wait", self["hello-wait"], 0, 60)
         self["handshake-timeout"] = parse_seconds("handshake-timeout", self["handshake-timeout"], 0, 600)
@@ -183,6 +192,11 @@ class RemoteProxyService(MultiService):
         endpoint = server_from_string(reactor, config["listen"])
         self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
         self.listener.setServiceParent(self)
+        stats, sessions = self.multiplexer.stats, self.multiplexer.sessions.by_key.values
+        if config["metrics"] is not None:
+            collector = ProxyCollector("rp", stats, sessions)
+            MetricsService(reactor, config["metrics"], collector, "tm3rp").setServiceParent(self)
+        SummaryService(reactor, "rp", stats, sessions, config["summary-interval"]).setServiceParent(self)
 
     def startService(self) -> None:
         try:

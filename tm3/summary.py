@@ -1,0 +1,102 @@
+"""``--summary-interval``: one info line every so often saying how the proxy
+is doing (pipes up, connections open, bytes each way and the rates since the
+last line), and one more when it stops, with the totals since it started.
+
+"up" is the client-to-server direction: bytes the LP reads from its clients
+and the RP writes to its servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from tm3.logs import plural
+from tm3.mux.session import Session
+from tm3.mux.settings import Stats
+
+DEFAULT_SUMMARY_INTERVAL = 60.0
+
+
+def rate(n: float, seconds: float) -> str:
+    """``12.3 kB/s``-style (decimal units, like link speeds)."""
+    per_second = n / seconds if seconds > 0 else 0.0
+    for unit in ("B/s", "kB/s", "MB/s", "GB/s"):
+        if per_second < 1000 or unit == "GB/s":
+            return f"{per_second:.3g} {unit}" if unit != "B/s" else f"{per_second:.0f} B/s"
+        per_second /= 1000
+    raise AssertionError("unreachable")
+
+
+class SummaryService(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        role: str,
+        stats: Stats,
+        sessions: Callable[[], Iterable[Session]],
+        interval: float = DEFAULT_SUMMARY_INTERVAL,
+    ) -> None:
+        self.reactor = reactor
+        self.role = role
+        self.stats = stats
+        self.sessions = sessions
+        self.interval = interval
+        self._loop: LoopingCall | None = None
+        self._started = 0.0
+        self._last = (0.0, 0, 0, 0)  # when, up, down, connections opened
+
+    def _up_down(self) -> tuple[int, int]:
+        s = self.stats
+        if self.role == "lp":
+            return s.bytes_to_pipes, s.bytes_from_pipes
+        return s.bytes_from_pipes, s.bytes_to_pipes
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = self.reactor.seconds()
+        self._last = (self._started, *self._up_down(), self.stats.connections_opened)
+        if self.interval > 0:
+            self._loop = LoopingCall(self.summary)
+            self._loop.clock = self.reactor
+            self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.summary(final=True)
+        return super().stopService()
+
+    def summary(self, final: bool = False) -> None:
+        now = self.reactor.seconds()
+        up, down = self._up_down()
+        opened = self.stats.connections_opened
+        since, up0, down0, opened0 = (self._started, 0, 0, 0) if final else self._last
+        self._last = (now, up, down, opened)
+        seconds = now - since
+        pipes = sum(p.connected_ for s in self.sessions() for p in s.pipes.pipes)
+        self.log.info(
+            "{what}: {pipes_up} up, {conns_open} open ({opened} opened in {seconds:.0f} s); "
+            "up {up} B ({up_rate}), down {down} B ({down_rate})",
+            what="summary at exit" if final else "summary",
+            pipes_up=plural(pipes, "pipe"),
+            pipes=pipes,
+            conns_open=plural(opened - self.stats.connections_closed, "connection"),
+            connections_open=opened - self.stats.connections_closed,
+            opened=opened - opened0,
+            seconds=seconds,
+            up=up - up0,
+            down=down - down0,
+            up_rate=rate(up - up0, seconds),
+            down_rate=rate(down - down0, seconds),
+            up_total=up,
+            down_total=down,
+            final=final,
+        )
