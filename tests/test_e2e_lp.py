@@ -650,7 +650,7 @@ async def test_server_closes_at_once(env: Env, pipes: int, mode: str) -> None:
 def retry_delays(env: Env) -> list[float]:
     return [
         float(m)
-        for m in re.findall(r"cannot open \d+ pipes to the RP at [^ ]+: .*?; retrying in ([\d.]+) s", env.logged())
+        for m in re.findall(r"cannot open \d+ pipes? to the RP at [^ ]+: .*?; retrying in ([\d.]+) s", env.logged())
     ]
 
 

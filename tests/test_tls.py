@@ -100,7 +100,7 @@ def peer_name(transport: Any) -> str | None:
 
 def failures(env: Env) -> list[str]:
     """The LP's lines for failed dials (v2) or sessions lost (v1), in order."""
-    return re.findall(r"(?:cannot open \d+ pipes|pipes to the RP lost) .*", env.logged())
+    return re.findall(r"(?:cannot open \d+ pipes?|pipes to the RP lost) .*", env.logged())
 
 
 async def refused(env: Env, rp: RP, lp: LP, why: str, rp_why: str | None = None) -> None:

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from tm3.core.credit import DEFAULT_INITIAL_WINDOW
 from tm3.core.handshake import new_session_id
+from tm3.logs import plural
 from tm3.lp.greeting import ClientGreeting
 from tm3.mux.pipes import PipeGathering, PipeProtocol
 from tm3.mux.settings import V1, Terms
@@ -99,7 +100,8 @@ class PipeDialer:
         if self.stopped:
             return
         self.log.warn(
-            "cannot open {n} pipes to the RP at {remote}: {why}; retrying in {delay:.1f} s",
+            "cannot open {pipes} to the RP at {remote}: {why}; retrying in {delay:.1f} s",
+            pipes=plural(self.n, "pipe"),
             n=self.n,
             remote=self.remote,
             why=reason.getErrorMessage(),

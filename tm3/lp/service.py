@@ -25,6 +25,7 @@ from tm3.cli import cannot_start, os_reason
 from tm3.core.addresses import ipv4_literal
 from tm3.core.ids import IdsExhausted
 from tm3.listening import ListeningService
+from tm3.logs import plural
 from tm3.lp.clients import NoRoute
 from tm3.lp.dialer import PipeDialer
 from tm3.lp.role import LocalRole
@@ -154,7 +155,8 @@ class LocalProxy(MultiService):
 
     def _up(self, session: Session) -> None:
         self.log.info(
-            "{session} up (v{version}): {n} pipes to the RP at {remote}",
+            "{session} up (v{version}): {pipes} to the RP at {remote}",
+            pipes=plural(len(session.pipes.pipes), "pipe"),
             session=session.name,
             version=session.terms.version,
             n=len(session.pipes.pipes),

@@ -50,9 +50,11 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from tm3.logs import RateLimit
 
 __all__ = [
     "ADDRESS_TYPE_NOT_SUPPORTED",
@@ -144,6 +146,16 @@ _REPLY_HEADER: Final = struct.Struct("!BBBB")  # VER REP RSV ATYP
 # the user (curl prints the code) more than "general server failure" would.
 _BAD_DOMAIN_REPLY: Final = HOST_UNREACHABLE
 _MAX_LABEL = 63  # RFC 1035 section 2.3.4
+# A client that keeps asking for a dead destination must not flood the log:
+# one failed SOCKS connect a second at info, the rest at debug (and counted).
+_FAILURES = RateLimit(1.0)
+
+
+def _failure_line() -> tuple[LogLevel, str]:
+    if not _FAILURES.allow():
+        return LogLevel.debug, ""
+    n = _FAILURES.take_suppressed()
+    return LogLevel.info, f" ({n} more since the last such line, at debug)" if n else ""
 
 
 @frozen
@@ -575,7 +587,7 @@ class Socks5Protocol(Protocol):
             self.relay_eof()
             self._close_if_shut_down()
         elif self._phase is _Phase.HANDSHAKE:
-            self.log.info("SOCKS client {peer} closed during the handshake", peer=self._peer())
+            self.log.debug("SOCKS client {peer} closed during the handshake", peer=self._peer())
             self._phase = _Phase.CLOSED
             self._transport.loseConnection()
         elif self._phase is _Phase.CONNECTING:
@@ -594,7 +606,7 @@ class Socks5Protocol(Protocol):
         self._stop_timer()
         self._early.clear()
         if phase is _Phase.CONNECTING:
-            self.log.info(
+            self.log.debug(
                 "SOCKS client {peer} went away while connecting to {destination}",
                 peer=self._peer(),
                 destination=self._destination,
@@ -624,7 +636,7 @@ class Socks5Protocol(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         if self._phase is _Phase.HANDSHAKE:
-            self.log.info(
+            self.log.debug(
                 "SOCKS client {peer} did not finish its handshake in {timeout:g} s; closing",
                 peer=self._peer(),
                 timeout=self._timeout,
@@ -633,8 +645,12 @@ class Socks5Protocol(Protocol):
             self._transport.loseConnection()
         elif self._phase is _Phase.CONNECTING:
             error = self.socks_timed_out()
-            self.log.info(
-                "SOCKS connect from {peer} to {destination} timed out after {timeout:g} s: {message} (reply {rep_code:#04x})",
+            level, also = _failure_line()
+            self.log.emit(
+                level,
+                "SOCKS connect from {peer} to {destination} timed out after {timeout:g} s: {message} (reply {rep_code:#04x})"
+                "{also}",
+                also=also,
                 peer=self._peer(),
                 destination=self._destination,
                 timeout=self._timeout,
@@ -670,7 +686,7 @@ class Socks5Protocol(Protocol):
             if isinstance(event, SendBytes):
                 self._transport.write(event.data)
             elif isinstance(event, HandshakeFailed):
-                self.log.info(
+                self.log.debug(
                     "SOCKS handshake with {peer} failed: {reason}",
                     peer=self._peer(),
                     reason=event.reason,
@@ -730,8 +746,11 @@ class Socks5Protocol(Protocol):
             return None
         rep_code, message, expected = _failure_reply(failure)
         if expected:
-            self.log.info(
-                "SOCKS connect from {peer} to {destination} failed: {message} (reply {rep_code:#04x})",
+            level, also = _failure_line()
+            self.log.emit(
+                level,
+                "SOCKS connect from {peer} to {destination} failed: {message} (reply {rep_code:#04x}){also}",
+                also=also,
                 peer=self._peer(),
                 destination=self._destination,
                 message=message,

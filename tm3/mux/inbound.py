@@ -39,6 +39,7 @@ from tm3.core.wire import (
     encode,
     wire_size,
 )
+from tm3.logs import RateLimit
 from tm3.mux.connection import Connection
 from tm3.mux.stalls import StallWatch
 
@@ -52,6 +53,14 @@ if TYPE_CHECKING:
 QUEUE_CHUNK_OVERHEAD = 48
 
 
+PAUSE_LINE_INTERVAL = 10.0
+
+
+def _also(lines: RateLimit) -> str:
+    n = lines.take_suppressed()
+    return f" ({n} more since the last such line)" if n else ""
+
+
 class Inbound:
     log = Logger()
 
@@ -63,6 +72,10 @@ class Inbound:
         self.queued_total = 0
         self.over_ceiling: set[Connection] = set()
         self.stalls = StallWatch(session)
+        # The pipes can pause and resume many times a second under load: a
+        # line each at most every 10 s (the metrics count every pause).
+        self._pause_lines = RateLimit(PAUSE_LINE_INTERVAL, session.reactor.seconds)
+        self._resume_lines = RateLimit(PAUSE_LINE_INTERVAL, session.reactor.seconds)
 
     # -- messages ------------------------------------------------------------
 
@@ -232,14 +245,16 @@ class Inbound:
         pipes = self.session.pipes
         if (self.over_ceiling or self.queued_total > s.total_queue_limit) and not pipes.reading_paused:
             self.stats.upload_pauses += 1
-            self.log.info(
-                "{session}: socket queues full (conn {conn_id} has {queued} B queued, {total} B in all);"
-                " pausing all pipes until they drain",
-                session=self.session.name,
-                conn_id=conn.conn_id,
-                queued=conn.queued,
-                total=self.queued_total,
-            )
+            if self._pause_lines.allow():
+                self.log.debug(
+                    "{session}: socket queues full (conn {conn_id} has {queued} B queued, {total} B in all);"
+                    " pausing all pipes until they drain{also}",
+                    session=self.session.name,
+                    also=_also(self._pause_lines),
+                    conn_id=conn.conn_id,
+                    queued=conn.queued,
+                    total=self.queued_total,
+                )
             pipes.pause_reading()
             self.stalls.start()
 
@@ -273,10 +288,12 @@ class Inbound:
             and self.queued_total <= s.total_queue_limit // 2
             and not self.session.ended
         ):
-            self.log.info(
-                "{session}: socket queues drained ({total} B); resuming pipes",
-                session=self.session.name,
-                total=self.queued_total,
-            )
+            if self._resume_lines.allow():
+                self.log.debug(
+                    "{session}: socket queues drained ({total} B); resuming pipes{also}",
+                    session=self.session.name,
+                    total=self.queued_total,
+                    also=_also(self._resume_lines),
+                )
             pipes.resume_reading()
             self.stalls.stop()

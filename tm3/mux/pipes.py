@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from tm3.core.schedule import TCP_INFO_SIZE, TcpInfo, expected_delivery
 from tm3.core.wire import Decoder
+from tm3.logs import plural
 from tm3.mux.flow import WriteGate, abort_transport, register_producer
 
 # Late binding (PipeSet): the kernel's TCP_NOTSENT_LOWAT on every pipe, and
@@ -540,7 +541,11 @@ class PipeGathering(Factory):
             self.on_lost(pipe, reason)
         else:
             self.log.info(
-                "pending {pipe} closed; {have} of {n} pipes pending", pipe=pipe.name, have=len(self.pipes), n=self.n
+                "pending {pipe} closed; {have} of {pipes} pending",
+                pipe=pipe.name,
+                have=len(self.pipes),
+                n=self.n,
+                pipes=plural(self.n, "pipe"),
             )
 
     def _expire(self) -> None:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from tm3.core.credit import DEFAULT_INITIAL_WINDOW
 from tm3.core.destinations import DestinationPolicy
 from tm3.core.handshake import Hello
+from tm3.logs import plural
 from tm3.mux.pipes import PipeGathering, PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
@@ -63,7 +64,8 @@ class Multiplexer(Service):
     def _up(self, session: Session) -> None:
         pipes = session.pipes.pipes
         self.log.info(
-            "{session} up (v{version}): {n} pipes from {peers}",
+            "{session} up (v{version}): {pipes} from {peers}",
+            pipes=plural(len(pipes), "pipe"),
             session=session.name,
             version=session.terms.version,
             n=len(pipes),
