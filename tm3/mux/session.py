@@ -188,10 +188,13 @@ class Session:
         self.role.connection_over(conn)
 
     def _log_end(self, conn: Connection) -> None:
+        # A connection can be over while its socket still drains its queue
+        # (the FIN goes after it): those bytes are on their way, not lost.
+        from_pipes = conn.bytes_in + sum(map(len, conn.queue))
         if self.role.upload_from_pipes:
-            up, down = conn.bytes_in, conn.bytes_out
+            up, down = from_pipes, conn.bytes_out
         else:
-            up, down = conn.bytes_out, conn.bytes_in
+            up, down = conn.bytes_out, from_pipes
         self.log.info(
             "conn {conn_id} to {host}:{port} ended: {how}; up {up} B, down {down} B, {seconds:.3f} s",
             conn_id=conn.conn_id,
