@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from tests.support.clients import Client
 from tests.support.env import Env
 from tests.support.pattern import Pattern
 from tests.support.ports import HOST
-from tests.support.processes import TWISTD, Proc, curl, python_env
+from tests.support.processes import REPO_ROOT, TWISTD, Proc, clean_env, curl, python_env
 from tests.support.servers import was_reset
 from tests.support.waiting import until, within
 from tm3.logs import RateLimit, event_as_json, plural
@@ -162,8 +164,6 @@ async def test_metrics_json_log_and_summary_of_both_daemons(env: Env) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_tac_reads_the_observability_variables(env: Env) -> None:
-    from tests.support.processes import REPO_ROOT
-
     rp = env.spawn(
         [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "tm3rp.tac")],
         {
@@ -259,3 +259,26 @@ def test_observability_defaults_and_variables(module: Any) -> None:
     config.parseOptions(base)
     assert (config["metrics"], config["log-format"], config["summary-interval"]) == (None, "text", 60.0)
     assert {"TM3_METRICS", "TM3_LOG_FORMAT", "TM3_SUMMARY_INTERVAL"} <= set(module.ENVIRONMENT)
+
+
+@pytest.mark.parametrize("tap", ["tm3rp", "tm3lp"])
+def test_a_taken_metrics_port_stops_the_proxy_with_one_line(tap: str) -> None:
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--pipes", "1", "--listen", f"tcp:0:interface={HOST}"] if tap == "tm3rp" else []
+        if tap == "tm3lp":
+            argv = ["--remote", f"{HOST}:9", "--pipes", "1", "--socks", f"tcp:0:interface={HOST}"]
+        out = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", tap, *argv, "--metrics", f"tcp:{port}:interface={HOST}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            env=clean_env(child_env()),
+            timeout=60,
+        )
+    assert out.returncode == 1, out.stdout + out.stderr
+    line = f"{tap}: cannot listen on tcp:{port}:interface={HOST} (--metrics): address already in use"
+    assert line in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
