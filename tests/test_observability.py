@@ -110,6 +110,8 @@ async def test_metrics_json_log_and_summary_of_both_daemons(env: Env) -> None:
     await until(lambda: len([e for e in json_lines(lp) if "how" in e]) == 2, 10, "the LP's lines for both ends")
 
     r = await scrape(env, rp_metrics)
+    assert all(name.startswith("tm3_") and ("role", "rp") in labels for name, labels in r), sorted(r)
+    assert one(r, "tm3_process_open_fds", role="rp") > 0
     assert one(r, "tm3_pipes_up", role="rp") == 2
     assert one(r, "tm3_sessions_up", role="rp") == 1
     assert one(r, "tm3_connections_closed_total", role="rp", how="fin") == 1

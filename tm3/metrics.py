@@ -175,12 +175,25 @@ def _tcp_info(sock: socket.socket | None) -> tuple[TcpInfo | None, int]:
     return info, total
 
 
-def registry_for(collector: Collector) -> CollectorRegistry:
+class _WithRole(Collector):
+    """Another collector's metrics with our ``role`` label added."""
+
+    def __init__(self, inner: Collector, role: str) -> None:
+        self.inner = inner
+        self.role = role
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.inner.collect():
+            family.samples = [s._replace(labels={**s.labels, "role": self.role}) for s in family.samples]
+            yield family
+
+
+def registry_for(collector: ProxyCollector) -> CollectorRegistry:
     """A registry of our own (not the global one): the proxy's metrics and
-    the process's (CPU, memory, file descriptors)."""
+    the process's (``tm3_process_*``: CPU, memory, file descriptors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    ProcessCollector(registry=registry)
+    registry.register(_WithRole(ProcessCollector(namespace="tm3", registry=None), collector.role))
     return registry
 
 
@@ -214,7 +227,7 @@ class MetricsService(ListeningService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, collector: Collector, prog: str) -> None:
+    def __init__(self, reactor: Any, description: str, collector: ProxyCollector, prog: str) -> None:
         self.where = description
         self.prog = prog
         super().__init__(
