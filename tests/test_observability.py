@@ -155,8 +155,9 @@ async def test_metrics_json_log_and_summary_of_both_daemons(env: Env) -> None:
         "down": len(data),
     }
     assert isinstance(end["seconds"], float) and end["level"] == "info" and end["text"].startswith("conn ")
-    [final] = [e for e in events if e.get("what") == "summary at exit"]
-    assert final["up_total"] == final["down_total"] == len(data)
+    [final] = [e for e in events if e.get("final") is True]
+    assert final["text"].startswith("summary at exit: 2 connections in ")
+    assert final["up"] == final["down"] == len(data)
     for proc in (rp, lp):
         assert "Traceback" not in proc.text, proc.text
         assert "Starting factory" not in proc.text and "Stopping factory" not in proc.text, proc.text
@@ -184,7 +185,7 @@ async def test_tac_reads_the_observability_variables(env: Env) -> None:
     rp.transport.signalProcess("TERM")
     await within(rp.ended.wait(), 15, "the RP to stop")
     events = json_lines(rp)
-    assert any(e.get("what") == "summary at exit" for e in events)
+    assert any(e["text"].startswith("summary at exit: 0 connections in ") for e in events)
     assert not any(" starting on " in e["text"] for e in events)
 
 

@@ -75,28 +75,42 @@ class SummaryService(Service):
         return super().stopService()
 
     def summary(self, final: bool = False) -> None:
+        """The line for the last interval; ``final``: the totals since start
+        (the sessions may be gone by then: no live state)."""
         now = self.reactor.seconds()
         up, down = self._up_down()
         opened = self.stats.connections_opened
-        since, up0, down0, opened0 = (self._started, 0, 0, 0) if final else self._last
+        if final:
+            seconds = now - self._started
+            self.log.info(
+                "summary at exit: {opened} connections in {seconds:.0f} s; "
+                "up {up} B ({up_rate}), down {down} B ({down_rate})",
+                opened=opened,
+                seconds=seconds,
+                up=up,
+                down=down,
+                up_rate=rate(up, seconds),
+                down_rate=rate(down, seconds),
+                final=True,
+            )
+            return
+        since, up0, down0, opened0 = self._last
         self._last = (now, up, down, opened)
         seconds = now - since
         pipes = sum(p.connected_ for s in self.sessions() for p in s.pipes.pipes)
+        open_now = opened - self.stats.connections_closed
         self.log.info(
-            "{what}: {pipes_up} up, {conns_open} open ({opened} opened in {seconds:.0f} s); "
+            "summary: {pipes_up} up, {conns_open} open ({opened} opened in {seconds:.0f} s); "
             "up {up} B ({up_rate}), down {down} B ({down_rate})",
-            what="summary at exit" if final else "summary",
             pipes_up=plural(pipes, "pipe"),
             pipes=pipes,
-            conns_open=plural(opened - self.stats.connections_closed, "connection"),
-            connections_open=opened - self.stats.connections_closed,
+            conns_open=plural(open_now, "connection"),
+            connections_open=open_now,
             opened=opened - opened0,
             seconds=seconds,
             up=up - up0,
             down=down - down0,
             up_rate=rate(up - up0, seconds),
             down_rate=rate(down - down0, seconds),
-            up_total=up,
-            down_total=down,
-            final=final,
+            final=False,
         )
