@@ -24,9 +24,10 @@ from tests.support.pattern import Pattern
 from tests.support.ports import HOST
 from tests.support.processes import REPO_ROOT, TWISTD, Proc, clean_env, curl, python_env
 from tests.support.servers import was_reset
-from tests.support.waiting import until, within
+from tests.support.waiting import steady, until, within
 from tm3.logs import RateLimit, event_as_json, plural
 from tm3.lp import tap as lp_tap
+from tm3.metrics import ProxyCollector
 from tm3.rp import tap as rp_tap
 from tm3.summary import rate
 
@@ -285,3 +286,45 @@ def test_a_taken_metrics_port_stops_the_proxy_with_one_line(tap: str) -> None:
     line = f"{tap}: cannot listen on tcp:{port}:interface={HOST} (--metrics): address already in use"
     assert line in out.stdout + out.stderr, out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+# -- the collector over live queues, in process -----------------------------------
+
+
+def collect(collector: ProxyCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for family in collector.collect() for s in family.samples
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_upload_shows_in_the_queues_and_pauses(env: Env, logs: Any) -> None:
+    """v1: a server that reads nothing fills the RP's socket queue, which
+    pauses the pipes; the metrics say so, and the pause is one debug line."""
+    size = 6 * 1024 * 1024
+    rp = await env.rp(2, "--conn-queue", "1MiB")
+    collector = ProxyCollector("rp", rp.stats, rp.service.multiplexer.sessions.by_key.values)
+    srv = await env.server(servers.never_read(env.reactor, rcvbuf=64 * 1024))
+    lp = await env.lp_client(rp.port, 2)
+    rx = lp.open(1, HOST, srv.port)
+    proto = await within(srv.connection(0), 5, "the server's connection")
+    upload = within(lp.upload(1, Pattern(12).chunks(size)), 60, "the upload")
+    await steady(lambda: sum(p.bytes_sent for p in lp.pipes), what="the upload to stall")
+
+    m = collect(collector)
+    queued = one(m, "tm3_inbound_queued_bytes", role="rp")
+    assert queued == rp.session.inbound.queued_total > 512 * 1024
+    assert one(m, "tm3_upload_pauses_total", role="rp") >= 1
+    assert one(m, "tm3_connections_open", role="rp") == 1
+    assert sum(every(m, "tm3_pipe_received_bytes_total", "rp")) >= queued * 4096 // (4096 + 256)
+    [pause] = [e for e in logs.events if "socket queues full" in e.get("log_format", "")]
+    assert pause["log_level"] is LogLevel.debug
+
+    proto.start_reading()
+    assert await upload == size
+    lp.fin(1)
+    await within(proto.report.wait(), 30, "the server's report")
+    await within(rx.when_fin(), 10, "the RP's FIN")
+    m = collect(collector)
+    assert one(m, "tm3_inbound_queued_bytes", role="rp") == 0
+    assert one(m, "tm3_payload_bytes_total", role="rp", direction="from_pipes") == size
