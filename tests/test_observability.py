@@ -328,3 +328,25 @@ async def test_a_stalled_upload_shows_in_the_queues_and_pauses(env: Env, logs: A
     m = collect(collector)
     assert one(m, "tm3_inbound_queued_bytes", role="rp") == 0
     assert one(m, "tm3_payload_bytes_total", role="rp", direction="from_pipes") == size
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_exit_summary_waits_for_the_drain(env: Env, logs: Any) -> None:
+    """Stopping drains the open connections first: the exit line's totals
+    include what they carried meanwhile."""
+    size = 2 * 1024 * 1024
+    src = await env.server(servers.source(env.reactor, size, seed=5))
+    rp = await env.rp(2, "--drain-timeout", "20")
+    lp = await env.lp(rp.port, 2, [src.port])
+    client = await env.open(lp, "forward", src.port)
+    client.transport.pauseProducing()  # the download is in progress, not done
+    await until(lambda: rp.stats.bytes_to_pipes > 0, 5, "the download to start")
+    stopping = rp.service.stopService()
+    rp.stopped = True
+    assert not logs.matching("summary at exit")  # not while draining
+    client.transport.resumeProducing()
+    await until(lambda: client.received == size, 20, "the download to finish")
+    client.transport.loseConnection()
+    await within(stopping, 5, "the RP to stop once its connections are over")
+    [final] = [e for e in logs.events if e.get("final") is True and e["log_namespace"] == "tm3.summary.SummaryService"]
+    assert final["down"] == size and final["opened"] == 1

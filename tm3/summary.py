@@ -1,6 +1,8 @@
 """``--summary-interval``: one info line every so often saying how the proxy
 is doing (pipes up, connections open, bytes each way and the rates since the
 last line), and one more when it stops, with the totals since it started.
+That one waits for the sessions to end (a stopping proxy drains its open
+connections first, up to ``--drain-timeout``), so the totals include them.
 
 "up" is the client-to-server direction: bytes the LP reads from its clients
 and the RP writes to its servers.
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -20,6 +23,8 @@ from tm3.mux.session import Session
 from tm3.mux.settings import Stats
 
 DEFAULT_SUMMARY_INTERVAL = 60.0
+# While stopping: how often to look whether the sessions have ended.
+STOP_POLL = 0.05
 
 
 def rate(n: float, seconds: float) -> str:
@@ -42,12 +47,14 @@ class SummaryService(Service):
         stats: Stats,
         sessions: Callable[[], Iterable[Session]],
         interval: float = DEFAULT_SUMMARY_INTERVAL,
+        stop_wait: float = 0.0,
     ) -> None:
         self.reactor = reactor
         self.role = role
         self.stats = stats
         self.sessions = sessions
         self.interval = interval
+        self.stop_wait = stop_wait  # the most the exit line waits for the sessions to end
         self._loop: LoopingCall | None = None
         self._started = 0.0
         self._last = (0.0, 0, 0, 0)  # when, up, down, connections opened
@@ -71,8 +78,21 @@ class SummaryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        self.summary(final=True)
-        return super().stopService()
+        super().stopService()
+        done: Deferred[None] = Deferred()
+        deadline = self.reactor.seconds() + self.stop_wait
+
+        def check() -> None:
+            if any(True for _ in self.sessions()) and self.reactor.seconds() < deadline:
+                return
+            poll.stop()
+            self.summary(final=True)
+            done.callback(None)
+
+        poll = LoopingCall(check)
+        poll.clock = self.reactor
+        poll.start(STOP_POLL, now=True)
+        return done
 
     def summary(self, final: bool = False) -> None:
         """The line for the last interval; ``final``: the totals since start

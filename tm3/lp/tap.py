@@ -259,7 +259,9 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> LocalP
         MetricsService(
             reactor, config["metrics"], ProxyCollector("lp", proxy.stats, sessions), "tm3lp"
         ).setServiceParent(proxy)
-    SummaryService(reactor, "lp", proxy.stats, sessions, config["summary-interval"]).setServiceParent(proxy)
+    SummaryService(
+        reactor, "lp", proxy.stats, sessions, config["summary-interval"], stop_wait=config["drain-timeout"] + 5
+    ).setServiceParent(proxy)
     if config["redirect"] is not None and transparent is not None:
         # The last child: it starts once every listener listens (the rules
         # need the transparent port, and a listener that cannot listen stops

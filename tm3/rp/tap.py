@@ -196,7 +196,9 @@ class RemoteProxyService(MultiService):
         if config["metrics"] is not None:
             collector = ProxyCollector("rp", stats, sessions)
             MetricsService(reactor, config["metrics"], collector, "tm3rp").setServiceParent(self)
-        SummaryService(reactor, "rp", stats, sessions, config["summary-interval"]).setServiceParent(self)
+        SummaryService(
+            reactor, "rp", stats, sessions, config["summary-interval"], stop_wait=config["drain-timeout"] + 5
+        ).setServiceParent(self)
 
     def startService(self) -> None:
         try:
