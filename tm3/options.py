@@ -215,6 +215,11 @@ def parse_observe(config: usage.Options) -> None:
     use_log_format(config, config["log-format"])
 
 
+# Each tuning option's environment variable for the .tac files: TM3_ and the
+# option's name in capitals (--pipe-lowat: TM3_PIPE_LOWAT).
+TUNING_ENVIRONMENT = {"TM3_" + p[0].upper().replace("-", "_"): p[0] for p in TUNING_PARAMETERS}
+
+
 def parse_tuning(config: usage.Options) -> None:
     """Check and convert the :data:`TUNING_PARAMETERS` in place."""
     config["max-payload"] = parse_size("max-payload", config["max-payload"], 1, MAX_PAYLOAD)

@@ -21,6 +21,7 @@ from tm3.metrics import MetricsService, ProxyCollector
 from tm3.mux.settings import Settings
 from tm3.options import (
     OBSERVE_PARAMETERS,
+    TUNING_ENVIRONMENT,
     TUNING_PARAMETERS,
     check_server_endpoint,
     options_from_environment,
@@ -38,15 +39,9 @@ from tm3.summary import SummaryService
 from tm3.tls import server_from_string
 
 ENVIRONMENT = {
+    **TUNING_ENVIRONMENT,
     "TM3_PIPES": "pipes",
     "TM3_LISTEN": "listen",
-    "TM3_MAX_PAYLOAD": "max-payload",
-    "TM3_CONNECT_TIMEOUT": "connect-timeout",
-    "TM3_CONN_QUEUE": "conn-queue",
-    "TM3_TOTAL_QUEUE": "total-queue",
-    "TM3_STALL_TIMEOUT": "stall-timeout",
-    "TM3_REORDER_WINDOW": "reorder-window",
-    "TM3_TOTAL_REORDER_WINDOW": "total-reorder-window",
     "TM3_MAX_PENDING_PIPES": "max-pending-pipes",
     "TM3_ALLOW_FROM": "allow-from",  # networks separated by spaces
     "TM3_ALLOW_TO": "allow-to",  # rules separated by spaces; the allow rules come first
@@ -54,19 +49,6 @@ ENVIRONMENT = {
     "TM3_KEY_FILE": "key-file",
     "TM3_HELLO_WAIT": "hello-wait",
     "TM3_HANDSHAKE_TIMEOUT": "handshake-timeout",
-    "TM3_INITIAL_WINDOW": "initial-window",
-    "TM3_MAX_WINDOW": "max-window",
-    "TM3_SESSION_WINDOW": "session-window",
-    "TM3_MAX_CONNECTIONS": "max-connections",
-    "TM3_DRAIN_TIMEOUT": "drain-timeout",
-    "TM3_HALF_CLOSE_TIMEOUT": "half-close-timeout",
-    "TM3_IDLE_TIMEOUT": "idle-timeout",
-    "TM3_PIPE_LOWAT": "pipe-lowat",
-    "TM3_PIPE_SCHEDULER": "pipe-scheduler",
-    "TM3_PIPE_CONGESTION": "pipe-congestion",
-    "TM3_SEND_ORDER": "send-order",
-    "TM3_SEND_QUEUE": "send-queue",
-    "TM3_TOTAL_SEND_QUEUE": "total-send-queue",
     "TM3_METRICS": "metrics",
     "TM3_LOG_FORMAT": "log-format",
     "TM3_SUMMARY_INTERVAL": "summary-interval",
