@@ -265,14 +265,16 @@ async def test_v1_refused_client_certificate(env: Env, pki: PKI) -> None:
     """Without --key-file the LP's pipes count as up once TCP is (a v1 RP
     says nothing back): each set it opens is lost at once, when the RP
     refuses the handshake, and it redials with a growing delay. The RP never
-    starts a session, and the LP's sessions never carry anything."""
+    starts a session, and the LP's sessions never carry anything. When the
+    refusal arrives before the last pipe of a set has connected, the set
+    fails to open ("retrying in") instead: the delays grow just the same."""
     g = pki.good
     rp = await env.rp(2, "--listen", listen(g.server, g))
     lp = await env.lp(rp.port, 2, wait=False, remote=remote(rp.port, g))
     await until(lambda: len(failures(env)) >= 2, 10, "two lost sets")
     lines = failures(env)
     assert all("tlsv13 alert certificate required" in line for line in lines), lines
-    delays = [float(m) for line in lines for m in re.findall(r"reconnecting in ([\d.]+) s", line)]
+    delays = [float(m) for line in lines for m in re.findall(r"(?:reconnecting|retrying) in ([\d.]+) s", line)]
     assert delays[:2] == [0.5, 1.0], lines
     await until(lambda: rp.service.pipe_factory.admission.tls_failed >= 4, 5, "the RP to see every handshake fail")
     assert "lost in its TLS handshake: peer did not return a certificate" in env.logged()
