@@ -25,6 +25,7 @@ from tm3.lp.clients import RESET_FLUSH_LIMIT, RESET_FLUSH_POLL
 from tm3.lp.socks import reply
 from tm3.mux.connection import OutControl
 from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
+from tm3.mux.pipes import PENDING_TIMEOUT
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -781,6 +782,24 @@ def test_a_session_that_dies_at_once_backs_off_and_says_why(logs: LogCapture) ->
     lp.accept()
     lp.lose_pipe(0)
     assert logs.matching("reconnecting in")[-1].endswith("; reconnecting in 0.5 s")
+    assert "expect --pipes" not in logs.matching("reconnecting in")[-1]
+
+
+def test_a_set_the_rp_closed_as_incomplete_gets_a_hint(logs: LogCapture) -> None:
+    """An RP that expects more v1 pipes than ours never acts on them and
+    closes them after its pending timeout: the line says so."""
+    lp = LP(n=2)
+    lp.up()
+    lp.reactor.advance(PENDING_TIMEOUT)
+    lp.lose_pipe(0)
+    (line,) = logs.matching("reconnecting in")
+    assert "never received a byte: an RP closes a set it has not completed after 30 s" in line
+    assert "does it expect --pipes 2?" in line
+    # The same loss much later, once the set had carried bytes, has no hint.
+    lp.reactor.advance(lp.proxy.dialer.retry.getTime() - lp.reactor.seconds())
+    lp.up()
+    lp.reactor.advance(120)
+    lp.lose_pipe(0)
     assert "expect --pipes" not in logs.matching("reconnecting in")[-1]
 
 

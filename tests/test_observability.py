@@ -350,3 +350,15 @@ async def test_the_exit_summary_waits_for_the_drain(env: Env, logs: Any) -> None
     await within(stopping, 5, "the RP to stop once its connections are over")
     [final] = [e for e in logs.events if e.get("final") is True and e["log_namespace"] == "tm3.summary.SummaryService"]
     assert final["down"] == size and final["opened"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipe_counts_that_differ_are_named_on_both_sides(env: Env) -> None:
+    """v1 pipes do not say how many they are. An LP with 8 pipes against an
+    RP that expects 4 completes one set on the RP and at once a second, which
+    replaces the first: both sides say which --pipes to check, over and over
+    (the LP backs off)."""
+    rp = await env.rp(4)
+    await env.lp(rp.port, 8, wait=False)
+    await until(lambda: "does the LP at 127.0.0.1 open more than --pipes 4 pipes?" in env.logged(), 10, "the RP's hint")
+    await until(lambda: "does the RP expect --pipes 8?" in env.logged(), 10, "the LP's hint")

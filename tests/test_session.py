@@ -19,9 +19,8 @@ from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Syn, encode, encode_data, encode_fin, encode_syn
 from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
 from tm3.mux.outbound import OUT_CHUNK_OVERHEAD
-from tm3.mux.pipes import EARLY_READ_LIMIT, MAX_EARLY_BYTES
+from tm3.mux.pipes import EARLY_READ_LIMIT, MAX_EARLY_BYTES, PENDING_TIMEOUT
 from tm3.rp.orphans import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
-from tm3.rp.service import PENDING_TIMEOUT
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -189,7 +188,8 @@ def test_an_incomplete_set_is_closed_after_30_seconds(logs: LogCapture) -> None:
     rp.reactor.advance(0.001)
     assert t0.disconnected and t1.disconnected  # aborted
     assert rp.factory.pending == []
-    assert logs.matching("pipe set incomplete after 30 s (2 of 3)")
+    (line,) = logs.matching("pipe set incomplete after 30 s (2 of 3)")
+    assert line.endswith("closing those pipes: does the LP at 10.9.0.1 run --pipes 3, as this RP expects?"), line
     # The closed pipes report their loss; nothing breaks, and a new set forms.
     p0.connectionLost(Failure(ConnectionAborted()))
     p1.connectionLost(Failure(ConnectionAborted()))
@@ -224,6 +224,9 @@ def test_a_new_complete_set_replaces_the_session(logs: LogCapture) -> None:
     assert not any(t.disconnected for _, t in rp.pipes)
     assert rp.mux.stats.sessions == 2 and rp.mux.stats.sessions_ended == 1
     assert [e["how"] for e in logs.ends()] == ["session-lost"]
+    # v1 pipes do not say how many they are: so soon, the likely cause is an
+    # LP that opened more pipes than this RP's --pipes.
+    assert logs.matching("s after it started: does the LP at 10.9.0.1 open more than --pipes 2 pipes?")
     # The old pipes' and server's closing later changes nothing.
     for p, _ in old_pipes:
         p.connectionLost(Failure(ConnectionAborted()))

@@ -30,7 +30,7 @@ from tm3.lp.clients import NoRoute
 from tm3.lp.dialer import PipeDialer
 from tm3.lp.role import LocalRole
 from tm3.mux.connection import Connection
-from tm3.mux.pipes import PipeProtocol
+from tm3.mux.pipes import PENDING_TIMEOUT, PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
 from tm3.mux.settings import Settings, Terms
@@ -38,6 +38,10 @@ from tm3.reactor import IProxyReactor
 
 # A session that lasted this long resets the redial backoff.
 STABLE_SESSION = 10.0
+# A set lost this soon, having carried nothing, was probably closed by an RP
+# that expects another --pipes: it takes a silent v1 pipe for v1 after 1 s
+# (docs/protocol.md), then at once completes, replaces or refuses sets.
+QUICK_LOSS = 2.5
 
 
 class LocalProxy(MultiService):
@@ -175,12 +179,30 @@ class LocalProxy(MultiService):
         carried = self.stats.connections_opened > self._opened_before
         delay = self.dialer.next_delay(carried or lasted >= STABLE_SESSION)
         hint = ""
-        if lasted < 1.0 and not carried:
+        if lasted < QUICK_LOSS and not carried:
             hint = f" (it lasted {lasted:.2f} s: does the RP expect --pipes {self.dialer.n}?)"
+        elif self._rp_gave_up_on(session, lasted):
+            hint = (
+                f" (it lasted {lasted:.0f} s and a pipe never received a byte: an RP closes a set it has not"
+                f" completed after {PENDING_TIMEOUT:.0f} s; does it expect --pipes {self.dialer.n}?)"
+            )
         self.log.warn(
             "pipes to the RP lost ({why}){hint}; reconnecting in {delay:.1f} s", why=why, hint=hint, delay=delay
         )
         self.dialer.start(delay=delay)
+
+    @staticmethod
+    def _rp_gave_up_on(session: Session, lasted: float) -> bool:
+        """Whether a v1 set looks closed by the RP's pending timeout: v1 pipes
+        do not say how many they are, so an RP that expects more pipes than
+        we opened waits for the rest, acting on nothing, and closes them
+        after PENDING_TIMEOUT; one that expects fewer takes a set from ours
+        and leaves the rest pending."""
+        return (
+            session.terms.version == 1
+            and PENDING_TIMEOUT - 1 <= lasted <= PENDING_TIMEOUT + 5
+            and any(p.bytes_received == 0 for p in session.pipes.pipes)
+        )
 
     def when_session(self) -> Deferred[Session]:
         """Fires with the session once all pipes are up (at once if they are);

@@ -51,6 +51,9 @@ PIPE_ORDERS = (DELIVERY_TIME, ROTATION)
 # until the set is complete (the kernel holds the rest, and a TCP transport
 # brings at most one more read of 64 KiB); a transport that delivers past
 # MAX_EARLY_BYTES all the same is closed.
+# The RP closes a pipe set still incomplete this long after its first pipe
+# (docs/protocol.md, "How a session forms").
+PENDING_TIMEOUT = 30.0
 EARLY_READ_LIMIT = 64 * 1024
 MAX_EARLY_BYTES = 256 * 1024
 # TCP keepalive on every pipe: first probe after 30 s idle, then every 10 s;
@@ -491,6 +494,7 @@ class PipeGathering(Factory):
         on_complete: Callable[[list[PipeProtocol]], object],
         on_lost: Callable[[PipeProtocol, Failure], object] | None = None,
         timeout: float | None = None,
+        hint: str = "",
     ) -> None:
         if n < 1:
             raise ValueError("a session needs at least one pipe")
@@ -499,6 +503,7 @@ class PipeGathering(Factory):
         self.on_complete = on_complete
         self.on_lost = on_lost
         self.timeout = timeout
+        self.hint = hint  # appended to the line that closes an incomplete set
         self.pipes: list[PipeProtocol] = []
         self.closed = False
         self._timer: IDelayedCall | None = None
@@ -552,10 +557,11 @@ class PipeGathering(Factory):
         self._timer = None
         stale, self.pipes = self.pipes, []
         self.log.warn(
-            "pipe set incomplete after {t:.0f} s ({have} of {n}); closing those pipes",
+            "pipe set incomplete after {t:.0f} s ({have} of {n}); closing those pipes{hint}",
             t=self.timeout,
             have=len(stale),
             n=self.n,
+            hint=f": {self.hint}" if self.hint else "",
         )
         for pipe in stale:
             pipe.abort()

@@ -14,6 +14,7 @@ ends the sessions.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -27,6 +28,9 @@ from tm3.mux.settings import V1, Settings, Stats, Terms
 from tm3.reactor import IProxyReactor
 
 DRAIN_POLL = 0.1  # how often a drain checks whether every connection is over
+# A v1 session replaced this soon by a set from the same address was most
+# likely cut short by its own LP's extra pipes (a --pipes mismatch).
+QUICK_REPLACEMENT = 2.0
 
 
 class Sessions:
@@ -59,7 +63,15 @@ class Sessions:
         """A session over ``pipes``, replacing the one with the same key."""
         old = self.by_key.get(key)
         if old is not None:
-            old.end("replaced by a newer complete pipe set" + (f" from {key}" if key else ""))
+            why = "replaced by a newer complete pipe set" + (f" from {key}" if key else "")
+            lasted = time.monotonic() - old.started
+            if terms.version == 1 and key and lasted < QUICK_REPLACEMENT:
+                # v1 pipes do not say how many they are: an LP that opens
+                # more than n at once completes one set and starts the next.
+                why += (
+                    f" {lasted:.2f} s after it started: does the LP at {key} open more than --pipes {len(pipes)} pipes?"
+                )
+            old.end(why)
         self._count += 1
         self._starting = True
         try:

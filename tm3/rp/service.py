@@ -22,7 +22,7 @@ from tm3.core.credit import DEFAULT_INITIAL_WINDOW
 from tm3.core.destinations import DestinationPolicy
 from tm3.core.handshake import Hello
 from tm3.logs import plural
-from tm3.mux.pipes import PipeGathering, PipeProtocol
+from tm3.mux.pipes import PENDING_TIMEOUT, PipeGathering, PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
 from tm3.mux.settings import V1, Settings, Terms
@@ -30,7 +30,6 @@ from tm3.reactor import IProxyReactor
 from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT, Admission
 from tm3.rp.role import RemoteRole
 
-PENDING_TIMEOUT = 30.0
 DEFAULT_MAX_PENDING = 256
 
 
@@ -160,7 +159,12 @@ class PipeFactory(Factory):
         group = self.groups.get(host)
         if group is None:
             group = self.groups[host] = PipeGathering(
-                self.n, self.reactor, lambda pipes: self.on_complete(pipes, host, V1), timeout=self.pending_timeout
+                self.n,
+                self.reactor,
+                lambda pipes: self.on_complete(pipes, host, V1),
+                timeout=self.pending_timeout,
+                # v1 pipes do not say how many they are.
+                hint=f"does the LP at {host} run --pipes {self.n}, as this RP expects?",
             )
         pipe.join(group, first)
 
