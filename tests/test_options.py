@@ -130,6 +130,7 @@ BAD = [
     ("pipe-congestion", "warp", "(this kernel's)"),
     ("half-close-timeout", "-1", "0..86400 (0: off)"),
     ("max-connections", "65537", "0..65536"),
+    ("fd-reserve", "15", "16..65536"),
     ("drain-timeout", "soon", "0..86400 (0: off)"),
     ("idle-timeout", "forever", "0..86400 (0: off)"),
     ("summary-interval", "soon", "0..86400 (0: off)"),

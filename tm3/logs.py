@@ -73,6 +73,14 @@ class RateLimit:
         n, self.suppressed = self.suppressed, 0
         return n
 
+    def level(self) -> tuple[LogLevel, str]:
+        """For lines of a kind that stays at debug when it floods: info (and
+        how many went to debug since the last) once per interval, else debug."""
+        if not self.allow():
+            return LogLevel.debug, ""
+        n = self.take_suppressed()
+        return LogLevel.info, f" ({n} more since the last such line, at debug)" if n else ""
+
 
 @implementer(ILogObserver)
 class JsonLines:

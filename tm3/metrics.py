@@ -46,7 +46,12 @@ STATS_COUNTERS = [
     ("connections_opened", "tm3_connections_opened_total", "Connections opened (SYN sent or received)."),
     ("connect_failures", "tm3_connect_failures_total", "RP: connects to servers that failed."),
     ("destinations_denied", "tm3_destinations_denied_total", "RP: SYNs refused by the destination policy."),
-    ("connections_refused", "tm3_connections_refused_total", "Connections refused past --max-connections."),
+    (
+        "connections_refused",
+        "tm3_connections_refused_total",
+        "Connections refused past --max-connections, or (RP) at the fd ceiling.",
+    ),
+    ("fd_limit_pauses", "tm3_fd_limit_pauses_total", "LP: times it stopped accepting clients at the fd ceiling."),
     ("protocol_errors", "tm3_protocol_errors_total", "Sessions ended by a protocol error."),
     ("upload_pauses", "tm3_upload_pauses_total", "v1: times the socket queues paused all pipes."),
     ("download_pauses", "tm3_download_pauses_total", "Times sockets were paused because the pipes' queue was full."),

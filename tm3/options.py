@@ -14,6 +14,7 @@ from twisted.python import usage
 from tm3.core.handshake import load_key
 from tm3.core.schedule import DEFAULT_SHARE
 from tm3.core.wire import DEFAULT_PAYLOAD, MAX_PAYLOAD
+from tm3.fdlimit import DEFAULT_FD_RESERVE
 from tm3.logs import LOG_FORMATS, use_log_format
 from tm3.mux.pipes import PIPE_ORDERS
 from tm3.mux.settings import Settings
@@ -161,6 +162,9 @@ TUNING_PARAMETERS: list[list[Any]] = [
      "ones are taken; then they are reset. 0: reset at once (0..86400)."],
     ["max-connections", None, "16384", "Connections open at once: per session on the RP (more SYNs get FIN 0x99), "
      "for the whole LP (more clients are refused); 0: no limit (0..65536)."],
+    ["fd-reserve", None, str(DEFAULT_FD_RESERVE), "File descriptors kept free for pipes' needs beyond their own, "
+     "logs, DNS and metrics: client (LP) or server (RP) sockets stop at RLIMIT_NOFILE less what is open at start, "
+     "room for the pipes and this (16..65536)."],
     ["half-close-timeout", None, "120", "Seconds a connection waits for the peer's FIN after sending ours; then "
      "it is given up (socket reset, id freed). 0: no limit (0..86400)."],
     ["idle-timeout", None, "0", "Seconds a connection may move no byte either way before it is reset; 0: off "
@@ -229,6 +233,7 @@ def parse_tuning(config: usage.Options) -> None:
     config["stall-timeout"] = parse_seconds("stall-timeout", config["stall-timeout"], 0, 3600)
     config["drain-timeout"] = parse_seconds_or_off("drain-timeout", config["drain-timeout"], 86400)
     config["max-connections"] = parse_int("max-connections", config["max-connections"], 0, 65536)
+    config["fd-reserve"] = parse_int("fd-reserve", config["fd-reserve"], 16, 65536)
     config["half-close-timeout"] = parse_seconds_or_off("half-close-timeout", config["half-close-timeout"], 86400)
     config["idle-timeout"] = parse_seconds_or_off("idle-timeout", config["idle-timeout"], 86400)
     config["initial-window"] = parse_size("initial-window", config["initial-window"], 4096, 1024**3)
@@ -255,6 +260,7 @@ def settings_from(config: usage.Options) -> Settings:
         stall_timeout=config["stall-timeout"],
         half_close_timeout=config["half-close-timeout"],
         max_connections=config["max-connections"],
+        fd_reserve=config["fd-reserve"],
         drain_timeout=config["drain-timeout"],
         idle_timeout=config["idle-timeout"],
         initial_window=config["initial-window"],

@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tm3.logs import RateLimit
 from tm3.lp.socks import (
     ADDRESS_TYPE_NOT_SUPPORTED,
     ATYP_DOMAIN,
@@ -53,6 +54,11 @@ class NoRoute(Exception):
     """The LP cannot carry a new connection now (no session, no free id, not IPv4)."""
 
 
+# Refused clients (no session, --max-connections) can come by the thousand:
+# one line a second at info, the rest at debug (and counted).
+_REFUSALS = RateLimit(1.0)
+
+
 class ClientConnection(StreamProtocol):
     """An application connection accepted by the LP.
 
@@ -69,6 +75,7 @@ class ClientConnection(StreamProtocol):
         self._reset_call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        self.proxy.client_opened()
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
@@ -92,7 +99,16 @@ class ClientConnection(StreamProtocol):
         try:
             self.open_connection(host, port)
         except NoRoute as e:
-            self.log.info("{peer} -> {host}:{port}: {why}; resetting", peer=self.peer(), host=host, port=port, why=e)
+            level, also = _REFUSALS.level()
+            self.log.emit(
+                level,
+                "{peer} -> {host}:{port}: {why}; resetting{also}",
+                peer=self.peer(),
+                host=host,
+                port=port,
+                why=e,
+                also=also,
+            )
             self.abort()
             return False
         self.start_relaying()
@@ -121,6 +137,7 @@ class ClientConnection(StreamProtocol):
             StreamProtocol.readConnectionLost(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.proxy.client_closed()
         call, self._reset_call = self._reset_call, None
         if call is not None and call.active():
             call.cancel()

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from tm3.cli import cannot_start, os_reason
 from tm3.core.addresses import ipv4_literal
 from tm3.core.ids import IdsExhausted
+from tm3.fdlimit import FdCeiling, soft_limit, start_ceiling
 from tm3.listening import ListeningService
 from tm3.logs import plural
 from tm3.lp.clients import NoRoute
@@ -81,6 +82,11 @@ class LocalProxy(MultiService):
         self._session_waiters: list[Deferred[Session]] = []
         self._addresses: dict[ListeningService, str] = {}
         self._always_accept: set[ListeningService] = set()
+        self._session_accepting = False
+        # Client sockets open (SOCKS handshakes included), and their ceiling
+        # under RLIMIT_NOFILE, set once listening (tm3/fdlimit.py).
+        self.clients = 0
+        self.fd_ceiling: FdCeiling | None = None
 
     @property
     def session(self) -> Session | None:
@@ -129,6 +135,9 @@ class LocalProxy(MultiService):
             failed = next((li for li in self.listeners if li.port is None), None)
             where = f"{self._addresses[failed]} ({failed.description})" if failed is not None else str(e.port)
             cannot_start("tm3lp", f"cannot listen on {where}: {os_reason(e.socketError)}")
+        # Room for two sets of pipes: a new set may dial while the old closes.
+        self.fd_ceiling, limits = start_ceiling(self.sessions.settings.fd_reserve, 2 * self.dialer.n)
+        self.log.info("room for {ceiling} client sockets ({limits})", ceiling=self.fd_ceiling.ceiling, limits=limits)
         self._set_accepting(False)
         self.dialer.start()
 
@@ -141,14 +150,42 @@ class LocalProxy(MultiService):
         drained = self.sessions.drain(self.sessions.settings.drain_timeout)
         return gatherResults([listeners, drained])
 
+    def client_opened(self) -> None:
+        self.clients += 1
+        self._check_fds()
+
+    def client_closed(self) -> None:
+        self.clients -= 1
+        self._check_fds()
+
+    def _check_fds(self) -> None:
+        if self.fd_ceiling is None:
+            return
+        change = self.fd_ceiling.update(self.clients)
+        if change == "full":
+            self.stats.fd_limit_pauses += 1
+            self.log.warn(
+                "{n} client sockets open, at the ceiling for RLIMIT_NOFILE {limit}: not accepting new clients "
+                "(they wait in the listen backlog) until some close",
+                n=self.clients,
+                limit=soft_limit(),
+            )
+        elif change == "room":
+            self.log.info("{n} client sockets open: accepting clients again", n=self.clients)
+        if change is not None:
+            self._set_accepting(self._session_accepting)
+
     def _set_accepting(self, on: bool) -> None:
+        """Listen while a session is up (``on``), and the always-accepting
+        listeners always; none while the client sockets are at their ceiling."""
+        self._session_accepting = on
+        full = self.fd_ceiling is not None and self.fd_ceiling.full
         for listener in self.listeners:
-            if listener in self._always_accept:
-                continue
             port = listener.port
+            accept = not full and (on or listener in self._always_accept)
             # A listening socket that stops reading stops accepting; clients
             # wait in the kernel backlog until the pipes are up.
-            method = getattr(port, "startReading" if on else "stopReading", None)
+            method = getattr(port, "startReading" if accept else "stopReading", None)
             if method is not None:
                 method()
 

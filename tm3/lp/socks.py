@@ -50,7 +50,7 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -149,13 +149,6 @@ _MAX_LABEL = 63  # RFC 1035 section 2.3.4
 # A client that keeps asking for a dead destination must not flood the log:
 # one failed SOCKS connect a second at info, the rest at debug (and counted).
 _FAILURES = RateLimit(1.0)
-
-
-def _failure_line() -> tuple[LogLevel, str]:
-    if not _FAILURES.allow():
-        return LogLevel.debug, ""
-    n = _FAILURES.take_suppressed()
-    return LogLevel.info, f" ({n} more since the last such line, at debug)" if n else ""
 
 
 @frozen
@@ -645,7 +638,7 @@ class Socks5Protocol(Protocol):
             self._transport.loseConnection()
         elif self._phase is _Phase.CONNECTING:
             error = self.socks_timed_out()
-            level, also = _failure_line()
+            level, also = _FAILURES.level()
             self.log.emit(
                 level,
                 "SOCKS connect from {peer} to {destination} timed out after {timeout:g} s: {message} (reply {rep_code:#04x})"
@@ -746,7 +739,7 @@ class Socks5Protocol(Protocol):
             return None
         rep_code, message, expected = _failure_reply(failure)
         if expected:
-            level, also = _failure_line()
+            level, also = _FAILURES.level()
             self.log.emit(
                 level,
                 "SOCKS connect from {peer} to {destination} failed: {message} (reply {rep_code:#04x}){also}",

@@ -10,6 +10,7 @@ from tm3.core.credit import DEFAULT_INITIAL_WINDOW, DEFAULT_MAX_WINDOW, DEFAULT_
 from tm3.core.reorder import DEFAULT_TOTAL_WINDOW_BYTES, DEFAULT_WINDOW_BYTES
 from tm3.core.schedule import DEFAULT_SHARE
 from tm3.core.wire import DEFAULT_PAYLOAD
+from tm3.fdlimit import DEFAULT_FD_RESERVE
 from tm3.mux.pipes import DEFAULT_PIPE_LOWAT, DELIVERY_TIME
 
 MiB = 1024 * 1024
@@ -34,6 +35,7 @@ class Settings:
     idle_timeout: float = 0.0  # 0: off
     drain_timeout: float = 10.0  # on stop: how long open connections may finish; 0: reset them at once
     max_connections: int = 16384  # per session (the RP) and per LP; 0: no limit
+    fd_reserve: int = DEFAULT_FD_RESERVE  # descriptors kept free beside sockets and pipes (tm3/fdlimit.py)
     # Version 2 flow control (tm3/core/credit.py).
     initial_window: int = DEFAULT_INITIAL_WINDOW
     max_window: int = DEFAULT_MAX_WINDOW
@@ -75,7 +77,8 @@ class Stats:
     connections_closed: int = 0
     connect_failures: int = 0
     destinations_denied: int = 0
-    connections_refused: int = 0  # past --max-connections
+    connections_refused: int = 0  # past --max-connections, or (RP) at the fd ceiling
+    fd_limit_pauses: int = 0  # LP: times it stopped accepting clients at the fd ceiling
     bytes_from_pipes: int = 0  # payload written to sockets
     bytes_to_pipes: int = 0  # payload read from sockets
     messages_received: int = 0

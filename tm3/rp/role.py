@@ -19,6 +19,7 @@ Routing by id follows docs/protocol.md rules 8 and 9:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import NotConnectingError
@@ -32,11 +33,16 @@ from tm3.core.destinations import DestinationPolicy
 from tm3.core.lifecycle import Event, State
 from tm3.core.reorder import ReorderError
 from tm3.core.wire import REASON_RST, Fin, Message, ProtocolError, Syn, encode
+from tm3.fdlimit import soft_limit
+from tm3.logs import RateLimit
 from tm3.mux.connection import Connection
 from tm3.mux.role import IRole
 from tm3.mux.session import Session
 from tm3.mux.stream import StreamProtocol
 from tm3.rp.orphans import Orphans
+
+# One line per 10 s for SYNs refused at the fd ceiling (a flood, when it comes).
+_FD_LINES = RateLimit(10.0)
 
 
 class ServerConnection(StreamProtocol):
@@ -66,8 +72,14 @@ class RemoteRole:
     log = Logger()
     upload_from_pipes = True
 
-    def __init__(self, session: Session, destinations: DestinationPolicy | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        destinations: DestinationPolicy | None = None,
+        has_fd_room: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.session = session
+        self.has_fd_room = has_fd_room
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.reactor = session.reactor
         self.settings = session.settings
@@ -157,6 +169,18 @@ class RemoteRole:
                     refused=self.stats.connections_refused,
                 )
             self.session.event(conn, Event.DENIED, "max-connections")
+            return
+        if not self.has_fd_room():
+            self.stats.connections_refused += 1
+            if _FD_LINES.allow():
+                self.log.warn(
+                    "{session}: server sockets at their ceiling for RLIMIT_NOFILE {limit}: refusing new connections "
+                    "until some close (pipes and open connections go on; {more} more refused since the last line)",
+                    session=self.session.name,
+                    limit=soft_limit(),
+                    more=_FD_LINES.take_suppressed(),
+                )
+            self.session.event(conn, Event.DENIED, "fd-limit")
             return
         verdict = self.destinations.check(conn.host, conn.port)
         if verdict.allowed:

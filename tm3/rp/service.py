@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from tm3.core.credit import DEFAULT_INITIAL_WINDOW
 from tm3.core.destinations import DestinationPolicy
 from tm3.core.handshake import Hello
+from tm3.fdlimit import FdCeiling, start_ceiling
 from tm3.logs import plural
 from tm3.mux.pipes import PENDING_TIMEOUT, PipeGathering, PipeProtocol
 from tm3.mux.session import Session
@@ -43,9 +44,10 @@ class Multiplexer(Service):
     ) -> None:
         self.settings = settings
         self.destinations = destinations if destinations is not None else DestinationPolicy()
-        role = functools.partial(RemoteRole, destinations=self.destinations)
+        role = functools.partial(RemoteRole, destinations=self.destinations, has_fd_room=self.has_fd_room)
         self.sessions = Sessions(reactor, settings, role, on_up=self._up)
         self.stats = self.sessions.stats
+        self.fd_ceiling: FdCeiling | None = None  # set by watch_fds once listening
 
     @property
     def session(self) -> Session | None:
@@ -59,6 +61,29 @@ class Multiplexer(Service):
 
     def is_live(self, key: str) -> bool:
         return key in self.sessions.by_key
+
+    def watch_fds(self, pending_pipes: int) -> None:
+        """Keep server sockets under a ceiling that leaves room, within
+        RLIMIT_NOFILE, for what is open now, ``pending_pipes`` pipes waiting
+        for their sets and --fd-reserve (tm3/fdlimit.py); the sessions' own
+        pipes are counted as they come."""
+        self.fd_ceiling, limits = start_ceiling(self.settings.fd_reserve, pending_pipes)
+        self.log.info(
+            "room for {ceiling} server sockets and pipes ({limits})", ceiling=self.fd_ceiling.ceiling, limits=limits
+        )
+
+    def has_fd_room(self) -> bool:
+        """Whether the server socket of the connection just opened (counted
+        already, with no socket yet) fits under the ceiling."""
+        ceiling = self.fd_ceiling
+        if ceiling is None:
+            return True
+        stats = self.stats
+        in_use = stats.connections_opened - stats.connections_closed - 1
+        sessions = self.sessions.by_key.values()
+        if in_use + len(sessions) < ceiling.ceiling // 2:
+            return True  # far from it: no need to count the pipes
+        return ceiling.has_room(in_use + sum(len(s.pipes.pipes) for s in sessions))
 
     def _up(self, session: Session) -> None:
         pipes = session.pipes.pipes

@@ -187,6 +187,7 @@ class RemoteProxyService(MultiService):
             super().startService()
         except CannotListenError as e:
             cannot_start("tm3rp", f"cannot listen on {self.listen}: {os_reason(e.socketError)}")
+        self.multiplexer.watch_fds(self.pipe_factory.max_pending)
         # A carried connection to our own pipe port would join a session as a pipe.
         port = self.listener.port
         pipe_port = getattr(port.getHost(), "port", None) if port is not None else None
