@@ -4,6 +4,8 @@ what is refused; how v2 pipes group by session id."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -145,6 +147,27 @@ def test_greeting_pipes_count_against_max_pending_and_leave_no_timer() -> None:
         pipe.connectionLost(Failure(ConnectionDone()))
     assert not h.factory.admission.greeting
     assert all(not c.active() for c in h.reactor.getDelayedCalls())
+
+
+def test_one_address_cannot_take_every_pending_slot() -> None:
+    h = Harness()
+    h.factory.max_per_address = 3
+    mine = [h.accept("10.0.0.9") for _ in range(3)]
+    assert h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)) is None
+    h.accept("10.0.0.8")  # another address still gets in
+    # Waiting in a set counts as much as being greeted.
+    mine[0][0].dataReceived(wire.encode_syn(1, "192.0.2.1", 80))  # v1: joins its address's set
+    assert h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)) is None
+    mine[1][0].connectionLost(Failure(ConnectionDone()))
+    assert h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)) is not None
+
+
+def test_a_v2_set_larger_than_one_address_may_hold_is_refused(logs: Any) -> None:
+    h = Harness()
+    h.factory.max_per_address = 3
+    _, t = h.v2_pipe(new_session_id(), 4, 0)
+    assert closed(t) and not h.sets
+    assert logs.matching("its set has 4 pipes, more than --max-pending-per-address 3 lets wait")
 
 
 @given(st.binary(min_size=1, max_size=40), st.integers(1, 8))

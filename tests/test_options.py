@@ -104,6 +104,7 @@ BAD = [
     ("max-pending-pipes", "1", "2..65536"),
     ("max-pending-pipes", "65537", "2..65536"),
     ("max-pending-pipes", "many", "2..65536"),
+    ("max-pending-per-address", "1", "2..65536"),
     ("stall-timeout", "0", "more than 0 and at most 3600"),
     ("stall-timeout", "3601", "more than 0 and at most 3600"),
     ("stall-timeout", "never", "more than 0 and at most 3600"),

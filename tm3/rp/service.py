@@ -32,6 +32,7 @@ from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT, Admission
 from tm3.rp.role import RemoteRole
 
 DEFAULT_MAX_PENDING = 256
+DEFAULT_MAX_PER_ADDRESS = 64
 
 
 class Multiplexer(Service):
@@ -123,7 +124,9 @@ class PipeFactory(Factory):
     terms, and owns the pipes from then on.
 
     Bounds: ``allow_from`` (when given) is the only networks pipes are taken
-    from; at most ``max_pending`` pipes greet or wait in all sets together; a
+    from; at most ``max_pending`` pipes greet or wait in all sets together,
+    and at most ``max_per_address`` of them from one address (so one address
+    cannot hold every slot while others' sets wait); a
     set still incomplete ``pending_timeout`` seconds after its first pipe is
     closed; each pending pipe keeps at most a small multiple of 64 KiB of
     early bytes (tm3/mux/pipes.py). What is refused is closed and logged.
@@ -140,6 +143,7 @@ class PipeFactory(Factory):
         pending_timeout: float = PENDING_TIMEOUT,
         allow_from: Sequence[ipaddress.IPv4Network] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_per_address: int = 0,
         key: bytes | None = None,
         allow_v1: bool = True,
         window: int = DEFAULT_INITIAL_WINDOW,
@@ -153,6 +157,7 @@ class PipeFactory(Factory):
         self.pending_timeout = pending_timeout
         self.allow_from = tuple(allow_from)
         self.max_pending = max_pending
+        self.max_per_address = max_per_address  # 0: no cap of its own
         self.is_live = is_live
         self.admission = Admission(reactor, self._v1, self._v2, key, window, allow_v1, hello_wait, handshake_timeout)
         self.groups: dict[str, PipeGathering] = {}  # v1: by source address; v2: by session key
@@ -168,6 +173,13 @@ class PipeFactory(Factory):
             return None
         for key in [k for k, g in self.groups.items() if not g.pipes]:
             del self.groups[key]
+        if self.max_per_address and self._pending_from(host) >= self.max_per_address:
+            self.log.warn(
+                "pipe from {host} refused: {n} pipes from it already wait for their sets (--max-pending-per-address)",
+                host=host,
+                n=self.max_per_address,
+            )
+            return None
         if len(self.admission) + sum(len(g) for g in self.groups.values()) >= self.max_pending:
             self.log.warn(
                 "pipe from {host} refused: {n} pipes already wait for their sets (--max-pending-pipes)",
@@ -178,6 +190,11 @@ class PipeFactory(Factory):
         pipe = PipeProtocol(greeter=self.admission)
         pipe.factory = self
         return pipe
+
+    def _pending_from(self, host: str) -> int:
+        """Pipes from ``host`` being greeted or waiting in a set."""
+        greeting = sum(1 for pipe in self.admission.greeting if pipe.peer_host == host)
+        return greeting + sum(1 for g in self.groups.values() for pipe in g.pipes if pipe.peer_host == host)
 
     def _v1(self, pipe: PipeProtocol, first: bytes) -> None:
         host = pipe.peer_host
@@ -199,6 +216,8 @@ class PipeFactory(Factory):
         why = ""
         if hello.n > self.max_pending:
             why = f"its set has {hello.n} pipes, more than --max-pending-pipes {self.max_pending} lets wait"
+        elif self.max_per_address and hello.n > self.max_per_address:
+            why = f"its set has {hello.n} pipes, more than --max-pending-per-address {self.max_per_address} lets wait"
         elif self.is_live(key):
             why = "its session is complete already"
         elif group is not None and group.n != hello.n:

@@ -34,7 +34,7 @@ from tm3.options import (
 )
 from tm3.reactor import IProxyReactor, default_reactor
 from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT
-from tm3.rp.service import DEFAULT_MAX_PENDING, Multiplexer, PipeFactory, is_local_address
+from tm3.rp.service import DEFAULT_MAX_PENDING, DEFAULT_MAX_PER_ADDRESS, Multiplexer, PipeFactory, is_local_address
 from tm3.summary import SummaryService
 from tm3.tls import server_from_string
 
@@ -43,6 +43,7 @@ ENVIRONMENT = {
     "TM3_PIPES": "pipes",
     "TM3_LISTEN": "listen",
     "TM3_MAX_PENDING_PIPES": "max-pending-pipes",
+    "TM3_MAX_PENDING_PER_ADDRESS": "max-pending-per-address",
     "TM3_ALLOW_FROM": "allow-from",  # networks separated by spaces
     "TM3_ALLOW_TO": "allow-to",  # rules separated by spaces; the allow rules come first
     "TM3_DENY_TO": "deny-to",
@@ -76,6 +77,8 @@ class Options(ProxyOptions):
          "certificate=CERT.pem[:caCerts=CA.pem] (with caCerts, every LP must present a certificate those CAs signed)."],
         ["max-pending-pipes", None, None, "Pipes that may wait for their sets to complete, from all addresses "
          f"together (--pipes..65536; default {DEFAULT_MAX_PENDING}, or --pipes if larger); more are closed at accept."],
+        ["max-pending-per-address", None, None, "Of those, how many may come from one address (--pipes..65536; "
+         f"default {DEFAULT_MAX_PER_ADDRESS}, or --pipes if larger): one address cannot take every slot."],
         ["key-file", None, None, "File holding the shared key (at least 32 characters; for example "
          "`head -c 32 /dev/urandom | base64 > tm3.key`): take v2 pipes that prove it, and no v1 pipes "
          "unless --allow-v1. Without it, only v1 is served."],
@@ -135,6 +138,12 @@ class Options(ProxyOptions):
             self["max-pending-pipes"] = max(DEFAULT_MAX_PENDING, self["pipes"])
         else:
             self["max-pending-pipes"] = parse_int("max-pending-pipes", self["max-pending-pipes"], self["pipes"], 65536)
+        if self["max-pending-per-address"] is None:
+            self["max-pending-per-address"] = max(DEFAULT_MAX_PER_ADDRESS, self["pipes"])
+        else:
+            self["max-pending-per-address"] = parse_int(
+                "max-pending-per-address", self["max-pending-per-address"], self["pipes"], 65536
+            )
         parse_tuning(self)
         parse_observe(self)
         check_server_endpoint("listen", self["listen"], server_from_string)
@@ -163,6 +172,7 @@ class RemoteProxyService(MultiService):
             self.multiplexer.start_session,
             allow_from=config["allow-from"],
             max_pending=config["max-pending-pipes"],
+            max_per_address=config["max-pending-per-address"],
             key=config["key"],
             allow_v1=config["allow-v1"],
             window=config["initial-window"],
