@@ -10,6 +10,7 @@ generous bounds."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from tests.support import servers
+from tests.support.clients import REP_HOST_UNREACHABLE, REP_SUCCEEDED, Client, socks_name
 from tests.support.dnsserver import FAST_ADDRESS, DnsServer
 from tests.support.env import Env
+from tests.support.pattern import Pattern
 from tests.support.ports import HOST
+from tests.support.processes import REPO_ROOT, TWISTD
 from tests.support.waiting import until, within
 from tm3.lp.resolver import (
     DnsLookup,
@@ -270,3 +275,49 @@ async def test_dns_mode_answers_follows_cnames_and_reads_the_hosts_file(env: Env
         assert isinstance(dead, ResolveTimeout)
     finally:
         resolver.stop()
+
+
+# -- a real LP: one fast name behind 30 dead ones -------------------------------------------------
+
+SOCKS_LISTENING = rb"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\) \(SOCKS5\)"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_name_that_resolves_at_once_is_not_held_up_by_30_that_never_answer(env: Env) -> None:
+    srv = await dns_server(env)
+    echo = await env.server(servers.echo(env.reactor))
+    rp = await env.rp(2)
+    lp = env.spawn(
+        [
+            TWISTD, "-n", "--pidfile=", "tm3lp", "--remote", f"{HOST}:{rp.port}", "--pipes", "2",
+            "--socks", f"tcp:0:interface={HOST}", "--dns-server", f"{HOST}:{srv.port}", "--resolve-timeout", "2",
+        ],
+        {"PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    socks_port = int((await within(lp.when_output(SOCKS_LISTENING), 30, "the LP to listen")).group(1))
+    await within(lp.when_output(rb"session 1 up \(v1\): 2 pipes to the RP"), 30, "the LP's session")
+
+    dead = [await env.connect(socks_port, Client(socks=socks_name(f"dead{i}.test", echo.port))) for i in range(30)]
+    await until(lambda: len(set(srv.names.asked)) >= 30, 20, "the DNS server to see all 30 dead names")
+
+    fast = await env.connect(socks_port, Client(socks=socks_name("fast.test", echo.port)))
+    assert await within(fast.socks_reply.wait(), 20, "fast.test's reply") == REP_SUCCEEDED
+    data = Pattern(3).bytes(50_000)
+    fast.write(data)
+    await within(fast.when_received(len(data)), 20, "the echo through fast.test")
+    assert fast.data == data
+    # By order, not by the clock: the fast name was done while every dead one still waited.
+    assert not any(c.socks_reply.fired for c in dead), [c.socks_reply.result for c in dead]
+
+    for client in dead:
+        assert await within(client.socks_reply.wait(), 20, "a dead name's reply") == REP_HOST_UNREACHABLE
+    assert re.search(r"cannot resolve 'dead\d+\.test' in 2 s \(reply 0x04\)", lp.text), lp.text
+
+    # Healthy after: a fast name again, and localhost, which never asks the DNS server.
+    for name in ("fast.test", "localhost"):
+        again = await env.connect(socks_port, Client(socks=socks_name(name, echo.port)))
+        assert await within(again.socks_reply.wait(), 20, f"{name}'s reply") == REP_SUCCEEDED
+        again.write(b"still here")
+        await within(again.when_received(10), 20, f"the echo through {name}")
+    assert "localhost" not in srv.names.asked
+    assert not lp.ended.fired and "Traceback" not in lp.text, lp.text

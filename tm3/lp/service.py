@@ -28,6 +28,7 @@ from tm3.listening import ListeningService
 from tm3.logs import plural
 from tm3.lp.clients import NoRoute
 from tm3.lp.dialer import PipeDialer
+from tm3.lp.resolver import Resolver, make_resolver
 from tm3.lp.role import LocalRole
 from tm3.mux.connection import Connection
 from tm3.mux.pipes import PipeProtocol
@@ -54,6 +55,7 @@ class LocalProxy(MultiService):
         remote: str = "the RP",
         key: bytes | None = None,
         handshake_timeout: float = 10.0,
+        resolver: Resolver | None = None,
     ) -> None:
         super().__init__()
         self.setName("tm3lp")
@@ -62,6 +64,8 @@ class LocalProxy(MultiService):
         self.stats = self.sessions.stats
         self.listeners: list[ListeningService] = []
         self.remote = remote
+        # SOCKS names: --resolver dns unless the caller chose.
+        self.resolver = resolver if resolver is not None else make_resolver(reactor)
         self.dialer = PipeDialer(
             reactor,
             endpoint,
@@ -126,6 +130,7 @@ class LocalProxy(MultiService):
             where = f"{self._addresses[failed]} ({failed.description})" if failed is not None else str(e.port)
             cannot_start("tm3lp", f"cannot listen on {where}: {os_reason(e.socketError)}")
         self._set_accepting(False)
+        self.resolver.start()
         self.dialer.start()
 
     def stopService(self) -> Any:
@@ -133,6 +138,7 @@ class LocalProxy(MultiService):
         for up to --drain-timeout, then end the session."""
         self.running = False  # before ending the session: no reconnect now
         self.dialer.stop()
+        self.resolver.stop()  # lookups under way still answer their clients
         listeners = super().stopService()
         drained = self.sessions.drain(self.sessions.settings.drain_timeout)
         return gatherResults([listeners, drained])
