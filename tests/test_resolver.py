@@ -11,6 +11,7 @@ generous bounds."""
 from __future__ import annotations
 
 import re
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tests.support import servers
 from tests.support.clients import REP_HOST_UNREACHABLE, REP_SUCCEEDED, Client, socks_name
 from tests.support.dnsserver import FAST_ADDRESS, DnsServer
 from tests.support.env import Env
+from tests.support.lp_harness import LP
 from tests.support.pattern import Pattern
 from tests.support.ports import HOST
 from tests.support.processes import REPO_ROOT, TWISTD
@@ -44,6 +46,8 @@ from tm3.lp.resolver import (
     make_resolver,
     parse_dns_server,
 )
+from tm3.lp.socks import HOST_UNREACHABLE, reply
+from tm3.metrics import ProxyCollector
 
 # -- the pure parts -------------------------------------------------------------------------
 
@@ -178,6 +182,30 @@ def test_literals_never_reach_the_lookup() -> None:
     assert outcome(resolver.resolve("10.0.0.1")) == "10.0.0.1"
     assert isinstance(outcome(resolver.resolve("010.0.0.1")), ResolveError)
     assert lookup.asked == []
+
+
+def socks_name_request(name: str, port: int = 80) -> bytes:
+    raw = name.encode()
+    return b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes((len(raw),)) + raw + struct.pack("!H", port)
+
+
+def test_the_socks_client_is_told_why_and_the_metrics_count_it() -> None:
+    lp = LP(n=1, mode="socks")
+    lp.up()
+    lookup = FakeLookup()
+    lp.proxy.resolver = Resolver(lp.reactor, lookup, timeout=2)
+    slow, slow_transport = lp.accept()
+    slow.dataReceived(socks_name_request("slow.test"))
+    missing, missing_transport = lp.accept()
+    missing.dataReceived(socks_name_request("missing.test"))
+    lookup.pending["missing.test"].errback(ResolveError("no such name"))
+    assert missing_transport.value() == b"\x05\x00" + reply(HOST_UNREACHABLE)
+    lp.reactor.advance(2)
+    assert slow_transport.value() == b"\x05\x00" + reply(HOST_UNREACHABLE)
+    assert (lp.stats.resolve_timeouts, lp.stats.resolve_failures) == (1, 1)
+    assert lp.received() == []  # no SYN for either
+    samples = {s.name: s.value for family in ProxyCollector("lp", lp.stats, list).collect() for s in family.samples}
+    assert samples["tm3_resolve_timeouts_total"] == samples["tm3_resolve_failures_total"] == 1
 
 
 # -- --resolver system: bounded threads, shared lookups -----------------------------------------

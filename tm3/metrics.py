@@ -47,6 +47,8 @@ STATS_COUNTERS = [
     ("connect_failures", "tm3_connect_failures_total", "RP: connects to servers that failed."),
     ("destinations_denied", "tm3_destinations_denied_total", "RP: SYNs refused by the destination policy."),
     ("connections_refused", "tm3_connections_refused_total", "Connections refused past --max-connections."),
+    ("resolve_failures", "tm3_resolve_failures_total", "LP: SOCKS names that did not resolve (besides timeouts)."),
+    ("resolve_timeouts", "tm3_resolve_timeouts_total", "LP: SOCKS names with no answer in --resolve-timeout."),
     ("protocol_errors", "tm3_protocol_errors_total", "Sessions ended by a protocol error."),
     ("upload_pauses", "tm3_upload_pauses_total", "v1: times the socket queues paused all pipes."),
     ("download_pauses", "tm3_download_pauses_total", "Times sockets were paused because the pipes' queue was full."),
