@@ -22,6 +22,7 @@ from tm3.core.ids import IdAllocator
 from tm3.core.lifecycle import State
 from tm3.core.wire import Data, Fin, Message, Syn, encode_data, encode_syn
 from tm3.lp.clients import RESET_FLUSH_LIMIT, RESET_FLUSH_POLL
+from tm3.lp.resolver import Resolver
 from tm3.lp.socks import reply
 from tm3.mux.connection import OutControl
 from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
@@ -253,12 +254,17 @@ def test_socks_domain_is_resolved_before_the_syn_and_ipv6_is_refused() -> None:
     lp.up()
     lookups: list[tuple[str, Deferred[str]]] = []
 
-    def resolve(name: str, timeout: int = 10) -> Deferred[str]:
-        d: Deferred[str] = Deferred()
-        lookups.append((name, d))
-        return d
+    class Lookup:
+        def start(self) -> None: ...
 
-    lp.reactor.resolve = resolve  # type: ignore[method-assign]
+        def stop(self) -> None: ...
+
+        def lookup(self, name: str) -> Deferred[str]:
+            d: Deferred[str] = Deferred()
+            lookups.append((name, d))
+            return d
+
+    lp.proxy.resolver = Resolver(lp.reactor, Lookup())
     client, transport = lp.accept()
     name = b"example.test"
     client.dataReceived(GREETING + b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack("!H", 8080))

@@ -1,5 +1,5 @@
 """``twistd tm3lp``'s deployment options and ``tm3lp.tac``: ``--socks-timeout``,
-``--redirect``, the ``TM3_*`` variables, and the ``.tac`` file run by
+the resolver's options, ``--redirect``, the ``TM3_*`` variables, and the ``.tac`` file run by
 ``twistd -ny`` against a real RP."""
 
 from __future__ import annotations
@@ -42,6 +42,68 @@ def test_socks_timeout_default_and_range() -> None:
     for bad in ("0", "-1", "3601", "soon"):
         with pytest.raises(usage.UsageError, match=r"^--socks-timeout must"):
             parse("--socks", "tcp:0", "--socks-timeout", bad)
+
+
+# -- SOCKS names: --resolver, --resolve-timeout, --resolver-threads, --dns-server ----------------
+
+
+def test_resolver_options_defaults_and_values() -> None:
+    config = parse("--socks", "tcp:0")
+    assert (config["resolver"], config["resolve-timeout"], config["resolver-threads"], config["dns-server"]) == (
+        "dns",
+        5.0,
+        32,
+        [],
+    )
+    assert parse("--socks", "tcp:0", "--socks-timeout", "4")["resolve-timeout"] == 2.0  # half, when under 5
+    config = parse("--socks", "tcp:0", "--dns-server", "192.0.2.53,192.0.2.54:5353", "--dns-server", "127.0.0.1")
+    assert config["dns-server"] == [("192.0.2.53", 53), ("192.0.2.54", 5353), ("127.0.0.1", 53)]
+    config = parse("--socks", "tcp:0", "--resolver", "system", "--resolver-threads", "4", "--resolve-timeout", "9.5")
+    assert (config["resolver"], config["resolver-threads"], config["resolve-timeout"]) == ("system", 4, 9.5)
+    proxy = lp_tap.makeService(config)
+    assert proxy.resolver.in_flight.capacity == 4 and proxy.resolver.timeout == 9.5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--resolve-timeout", "0"], "--resolve-timeout must be more than 0"),
+        (["--resolve-timeout", "soon"], "--resolve-timeout must be a number of seconds"),
+        (["--resolve-timeout", "10"], "--resolve-timeout must be below --socks-timeout (10 s)"),
+        (["--socks-timeout", "3", "--resolve-timeout", "4"], "--resolve-timeout must be below --socks-timeout (3 s)"),
+        (["--resolver", "nis"], "--resolver must be one of dns, system, not 'nis'"),
+        (["--resolver-threads", "0"], "--resolver-threads must be in 1..1024"),
+        (["--dns-server", "dns.example"], "--dns-server must be HOST[:PORT] with HOST an IPv4 address"),
+        (["--dns-server", "192.0.2.53:0"], "--dns-server must be HOST[:PORT]"),
+        (["--resolver", "system", "--dns-server", "192.0.2.53"], "--dns-server goes with --resolver dns"),
+    ],
+)
+def test_bad_resolver_options_are_one_line_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(usage.UsageError) as info:
+        parse("--socks", "tcp:0", *argv)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_resolver_variables() -> None:
+    config = lp_tap.options_from_env(
+        {
+            "TM3_REMOTE": HOST,
+            "TM3_PIPES": "2",
+            "TM3_SOCKS": "tcp:0",
+            "TM3_RESOLVER": "system",
+            "TM3_RESOLVE_TIMEOUT": "3",
+            "TM3_RESOLVER_THREADS": "8",
+        }
+    )
+    assert (config["resolver"], config["resolve-timeout"], config["resolver-threads"]) == ("system", 3.0, 8)
+    config = lp_tap.options_from_env(
+        {"TM3_REMOTE": HOST, "TM3_PIPES": "2", "TM3_SOCKS": "tcp:0", "TM3_DNS_SERVER": "192.0.2.1, 192.0.2.2:53"}
+    )
+    assert config["dns-server"] == [("192.0.2.1", 53), ("192.0.2.2", 53)]
+    with pytest.raises(usage.UsageError, match=r"^TM3_RESOLVE_TIMEOUT='20': --resolve-timeout must be below"):
+        lp_tap.options_from_env(
+            {"TM3_REMOTE": HOST, "TM3_PIPES": "2", "TM3_SOCKS": "tcp:0", "TM3_RESOLVE_TIMEOUT": "20"}
+        )
 
 
 # -- --redirect --------------------------------------------------------------------------
@@ -109,7 +171,7 @@ def test_rules_that_cannot_be_installed_stop_the_lp_in_one_line() -> None:
 
 
 def test_every_lp_option_has_a_variable() -> None:
-    options = {p[0] for p in lp_tap.Options.optParameters} | {"forward"}
+    options = {p[0] for p in lp_tap.Options.optParameters} | {"forward", "dns-server"}  # the repeatable ones
     assert set(lp_tap.ENVIRONMENT.values()) == options
     assert all(var == "TM3_" + option.upper().replace("-", "_") for var, option in lp_tap.ENVIRONMENT.items())
 

@@ -52,6 +52,8 @@ STATS_COUNTERS = [
         "Connections refused past --max-connections, or (RP) at the fd ceiling.",
     ),
     ("fd_limit_pauses", "tm3_fd_limit_pauses_total", "LP: times it stopped accepting clients at the fd ceiling."),
+    ("resolve_failures", "tm3_resolve_failures_total", "LP: SOCKS names that did not resolve (besides timeouts)."),
+    ("resolve_timeouts", "tm3_resolve_timeouts_total", "LP: SOCKS names with no answer in --resolve-timeout."),
     ("protocol_errors", "tm3_protocol_errors_total", "Sessions ended by a protocol error."),
     ("upload_pauses", "tm3_upload_pauses_total", "v1: times the socket queues paused all pipes."),
     ("download_pauses", "tm3_download_pauses_total", "Times sockets were paused because the pipes' queue was full."),

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tm3.logs import RateLimit
+from tm3.lp.resolver import ResolveError, ResolverBusy, ResolveTimeout
 from tm3.lp.socks import (
     ADDRESS_TYPE_NOT_SUPPORTED,
     ATYP_DOMAIN,
@@ -198,6 +198,10 @@ class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[m
     and waiting for the server's first byte would deadlock protocols where
     the client speaks first.
 
+    A name is resolved by the LP (:mod:`tm3.lp.resolver`) first, within
+    ``--resolve-timeout``: reply 0x04 (host unreachable) when it does not
+    resolve, 0x01 when the system resolver's threads are all busy.
+
     SOCKS listeners accept while no session is up (a client in the backlog
     could not be told anything): a request then waits for the session,
     within the handshake's ``timeout`` (``--socks-timeout``), after which the
@@ -212,16 +216,23 @@ class SocksClientConnection(Socks5Protocol, ClientConnection):  # type: ignore[m
         if atyp == ATYP_IPV6:
             raise SocksError(ADDRESS_TYPE_NOT_SUPPORTED, f"TM3 carries IPv4 only, not [{host}]")
         if atyp == ATYP_DOMAIN:
-            d: Deferred[str] = self.proxy.reactor.resolve(host)
-
-            def unresolved(f: Failure) -> str:
-                f.trap(DNSLookupError)
-                raise SocksError(HOST_UNREACHABLE, f"cannot resolve {host!r} to an IPv4 address")
-
-            d.addErrback(unresolved)
+            d: Deferred[str] = self.proxy.resolve(host)
+            d.addErrback(self._unresolved, host)
         else:
             d = succeed(host)
         return d.addCallback(self._open_in_session, port)
+
+    def _unresolved(self, f: Failure, host: str) -> str:
+        f.trap(ResolveError)  # a cancel (the client left, the SOCKS timeout) goes on as it is
+        error = f.value
+        stats = self.proxy.stats
+        if isinstance(error, ResolveTimeout):
+            stats.resolve_timeouts += 1
+            raise SocksError(HOST_UNREACHABLE, f"cannot resolve {host!r} in {error.seconds:g} s")
+        stats.resolve_failures += 1
+        if isinstance(error, ResolverBusy):
+            raise SocksError(GENERAL_FAILURE, f"cannot resolve {host!r} now: {error}")
+        raise SocksError(HOST_UNREACHABLE, f"cannot resolve {host!r} to an IPv4 address: {error}")
 
     def _open_in_session(self, host: str, port: int) -> Deferred[None] | None:
         if self.proxy.session is not None or self._timeout is None:

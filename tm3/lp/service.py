@@ -29,6 +29,7 @@ from tm3.listening import ListeningService
 from tm3.logs import plural
 from tm3.lp.clients import NoRoute
 from tm3.lp.dialer import PipeDialer
+from tm3.lp.resolver import Resolver, make_resolver
 from tm3.lp.role import LocalRole
 from tm3.mux.connection import Connection
 from tm3.mux.pipes import PENDING_TIMEOUT, PipeProtocol
@@ -59,6 +60,7 @@ class LocalProxy(MultiService):
         remote: str = "the RP",
         key: bytes | None = None,
         handshake_timeout: float = 10.0,
+        resolver: Resolver | None = None,
     ) -> None:
         super().__init__()
         self.setName("tm3lp")
@@ -67,6 +69,8 @@ class LocalProxy(MultiService):
         self.stats = self.sessions.stats
         self.listeners: list[ListeningService] = []
         self.remote = remote
+        # SOCKS names: --resolver dns unless the caller chose.
+        self.resolver = resolver if resolver is not None else make_resolver(reactor)
         self.dialer = PipeDialer(
             reactor,
             endpoint,
@@ -139,6 +143,7 @@ class LocalProxy(MultiService):
         self.fd_ceiling, limits = start_ceiling(self.sessions.settings.fd_reserve, 2 * self.dialer.n)
         self.log.info("room for {ceiling} client sockets ({limits})", ceiling=self.fd_ceiling.ceiling, limits=limits)
         self._set_accepting(False)
+        self.resolver.start()
         self.dialer.start()
 
     def stopService(self) -> Any:
@@ -146,9 +151,23 @@ class LocalProxy(MultiService):
         for up to --drain-timeout, then end the session."""
         self.running = False  # before ending the session: no reconnect now
         self.dialer.stop()
+        self.resolver.stop()  # lookups under way still answer their clients
         listeners = super().stopService()
         drained = self.sessions.drain(self.sessions.settings.drain_timeout)
         return gatherResults([listeners, drained])
+
+    def resolve(self, name: str) -> Deferred[str]:
+        """``name``'s IPv4 address from :attr:`resolver`. A DNS lookup holds a
+        UDP socket while it is under way: lookups count against the client
+        sockets' ceiling, checked again when each ends."""
+        d = self.resolver.resolve(name)
+        self._check_fds()
+
+        def ended(result: Any) -> Any:
+            self._check_fds()
+            return result
+
+        return d.addBoth(ended)
 
     def client_opened(self) -> None:
         self.clients += 1
@@ -161,7 +180,7 @@ class LocalProxy(MultiService):
     def _check_fds(self) -> None:
         if self.fd_ceiling is None:
             return
-        change = self.fd_ceiling.update(self.clients)
+        change = self.fd_ceiling.update(self.clients + len(self.resolver.in_flight))
         if change == "full":
             self.stats.fd_limit_pauses += 1
             self.log.warn(

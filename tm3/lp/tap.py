@@ -16,6 +16,14 @@ from twisted.python import usage
 from tm3.cli import ProxyOptions
 from tm3.core.addresses import NotIPv4
 from tm3.lp.clients import forward_factory, socks_factory, transparent_factory
+from tm3.lp.resolver import (
+    DEFAULT_RESOLVE_TIMEOUT,
+    DEFAULT_RESOLVER,
+    DEFAULT_RESOLVER_THREADS,
+    RESOLVERS,
+    make_resolver,
+    parse_dns_server,
+)
 from tm3.lp.rules import RedirectRules, parse_redirect
 from tm3.lp.service import LocalProxy, resolve_ipv4
 from tm3.metrics import MetricsService, ProxyCollector
@@ -27,6 +35,7 @@ from tm3.options import (
     check_client_endpoint,
     check_server_endpoint,
     options_from_environment,
+    parse_choice,
     parse_int,
     parse_observe,
     parse_seconds,
@@ -48,6 +57,10 @@ ENVIRONMENT = {
     "TM3_HANDSHAKE_TIMEOUT": "handshake-timeout",
     "TM3_SOCKS": "socks",
     "TM3_SOCKS_TIMEOUT": "socks-timeout",
+    "TM3_RESOLVER": "resolver",
+    "TM3_RESOLVE_TIMEOUT": "resolve-timeout",
+    "TM3_RESOLVER_THREADS": "resolver-threads",
+    "TM3_DNS_SERVER": "dns-server",  # servers separated by commas or spaces
     "TM3_TRANSPARENT": "transparent",
     "TM3_FORWARD": "forward",  # specs separated by spaces
     "TM3_REDIRECT": "redirect",
@@ -88,6 +101,15 @@ def _resolve(option: str, host: str) -> str:
         raise usage.UsageError(f"--{option}: {e}") from None
     except OSError as e:
         raise usage.UsageError(f"--{option}: cannot resolve {host!r} to an IPv4 address ({e})") from None
+
+
+def _dns_server(text: str) -> tuple[str, int]:
+    try:
+        return parse_dns_server(text)
+    except ValueError as e:
+        raise usage.UsageError(
+            f"--dns-server must be HOST[:PORT] with HOST an IPv4 address, not {text!r}: {e}"
+        ) from None
 
 
 def remote_ipv4(description: str) -> str | None:
@@ -149,6 +171,16 @@ class Options(ProxyOptions):
         ["socks-timeout", None, str(SOCKS_TIMEOUT).removesuffix(".0"), "Seconds a SOCKS client has, from connecting to "
          "the reply: a client that has not sent its whole request by then is closed; one whose request waits for "
          "a session to the RP gets reply 0x03 (network unreachable) (0 < s <= 3600)."],
+        ["resolver", None, DEFAULT_RESOLVER, "How SOCKS names are resolved: 'dns' (/etc/hosts, then DNS queries to "
+         "resolv.conf's servers or --dns-server, no threads: a slow name delays no other) or 'system' (getaddrinfo, "
+         "so nsswitch applies: mDNS, NIS, resolv.conf's search list; on --resolver-threads threads). IPv4 literals "
+         "and localhost are never looked up."],
+        ["resolve-timeout", None, None, "Seconds a SOCKS name may take to resolve; then the client gets reply 0x04 "
+         f"(host unreachable) (0 < s < --socks-timeout; default {DEFAULT_RESOLVE_TIMEOUT:g}, or half --socks-timeout "
+         "if that is less)."],
+        ["resolver-threads", None, str(DEFAULT_RESOLVER_THREADS), "--resolver system: names looked up at once (one "
+         "thread each; a lookup cannot be interrupted); a new name while all are busy gets reply 0x01 at once "
+         "(1..1024)."],
         ["transparent", "t", None, "Listen for iptables-redirected connections on this server endpoint, like tcp:6001."],
         ["redirect", None, None, "IFACE:PORT[,PORT...] (like eth0:80,443): with --transparent, install the iptables "
          "rules tm3-redirect installs, for these destination ports, to the transparent listener's port, while the LP "
@@ -160,12 +192,17 @@ class Options(ProxyOptions):
     def __init__(self) -> None:
         super().__init__()
         self["forward"] = []
+        self["dns-server"] = []
 
     def opt_forward(self, spec: str) -> None:
         """LISTEN_ENDPOINT:HOST:PORT: carry every connection accepted on the endpoint to HOST:PORT (repeatable)."""
         self["forward"].extend(spec.split())  # TM3_FORWARD holds several, separated by spaces
 
     opt_f = opt_forward
+
+    def opt_dns_server(self, servers: str) -> None:
+        """HOST[:PORT] (IPv4 address, port 53 by default): --resolver dns asks it, not resolv.conf's (repeatable)."""
+        self["dns-server"].extend(servers.replace(",", " ").split())
 
     def postOptions(self) -> None:
         if self["remote"] is None:
@@ -179,6 +216,19 @@ class Options(ProxyOptions):
         self["remote"] = parse_remote(self["remote"], self["connect-timeout"])
         self["handshake-timeout"] = parse_seconds("handshake-timeout", self["handshake-timeout"], 0, 600)
         self["socks-timeout"] = parse_seconds("socks-timeout", self["socks-timeout"], 0, 3600)
+        self["resolver"] = parse_choice("resolver", self["resolver"], RESOLVERS)
+        if self["resolve-timeout"] is None:
+            self["resolve-timeout"] = min(DEFAULT_RESOLVE_TIMEOUT, self["socks-timeout"] / 2)
+        self["resolve-timeout"] = parse_seconds("resolve-timeout", self["resolve-timeout"], 0, 3600)
+        if self["resolve-timeout"] >= self["socks-timeout"]:
+            raise usage.UsageError(
+                f"--resolve-timeout must be below --socks-timeout ({self['socks-timeout']:g} s), the time a SOCKS "
+                f"client has in all, not {self['resolve-timeout']:g}"
+            )
+        self["resolver-threads"] = parse_int("resolver-threads", self["resolver-threads"], 1, 1024)
+        self["dns-server"] = [_dns_server(text) for text in self["dns-server"]]
+        if self["dns-server"] and self["resolver"] != "dns":
+            raise usage.UsageError("--dns-server goes with --resolver dns: getaddrinfo asks resolv.conf's servers")
         self["key"] = read_key_file("key-file", self["key-file"]) if self["key-file"] is not None else None
         self["forward"] = [parse_forward(spec) for spec in self["forward"]]
         if not (self["socks"] or self["transparent"] or self["forward"]):
@@ -212,6 +262,13 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> LocalP
         remote=config["remote-display"],
         key=config["key"],
         handshake_timeout=config["handshake-timeout"],
+        resolver=make_resolver(
+            reactor,
+            config["resolver"],
+            config["resolve-timeout"],
+            config["resolver-threads"],
+            config["dns-server"] or None,
+        ),
     )
     if config["socks"]:
         proxy.add_listener(

@@ -79,6 +79,8 @@ class Stats:
     destinations_denied: int = 0
     connections_refused: int = 0  # past --max-connections, or (RP) at the fd ceiling
     fd_limit_pauses: int = 0  # LP: times it stopped accepting clients at the fd ceiling
+    resolve_failures: int = 0  # LP: SOCKS names that did not resolve (no such name, no free thread)
+    resolve_timeouts: int = 0  # LP: SOCKS names with no answer in --resolve-timeout
     bytes_from_pipes: int = 0  # payload written to sockets
     bytes_to_pipes: int = 0  # payload read from sockets
     messages_received: int = 0
