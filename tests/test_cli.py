@@ -69,7 +69,8 @@ def test_tools_print_tm3s_version(tool: str) -> None:
         (["tm3rp"], "twistd tm3rp: --pipes is required: the number of pipes the LP opens (1..1024)"),
         (
             ["tm3lp", "--pipes", "2", "--socks", "tcp:0"],
-            "twistd tm3lp: --remote is required: the RP's HOST or HOST:PORT",
+            "twistd tm3lp: --remote is required: the RP's HOST, HOST:PORT, [IPV6]:PORT or a client endpoint string"
+            " (tcp:HOST:PORT, tls:HOST:PORT:...)",
         ),
         (
             ["tm3lp", "--remote", HOST, "--pipes", "2", "--socks", "tcp:0", "--socks-timeout", "never"],

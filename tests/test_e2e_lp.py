@@ -887,3 +887,18 @@ async def test_curl_refused_through_socks(env: Env, pipes: int) -> None:
     # 56: "Failure in receiving network data" (the connection was reset).
     assert code == 56, f"curl exited {code}: {err.decode(errors='replace')}"
     assert out == b""
+
+
+# -- IPv6 pipes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("remote", ["[::1]:{port}", "tcp:[::1]:{port}", "tcp:host=\\:\\:1:port={port}"])
+@pytest_twisted.ensureDeferred
+async def test_pipes_over_ipv6(env: Env, remote: str) -> None:
+    """The pipes may run over IPv6 (the carried connections stay IPv4): an
+    RP listening on tcp6 at ::1, an LP given its address in each form."""
+    echo = await env.server(servers.echo(env.reactor))
+    rp = await env.rp(2, "--listen", "tcp6:0:interface=\\:\\:1")
+    lp = await env.lp(rp.port, 2, forward=[echo.port], remote=remote.format(port=rp.port))
+    await env.echo_round_trip(lp, "forward", echo.port, Pattern(3).bytes(300_000))
+    assert rp.session is not None and [p.peer_host for p in rp.session.pipes.pipes] == ["::1", "::1"]

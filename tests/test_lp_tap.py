@@ -245,3 +245,32 @@ async def test_twistd_runs_tm3lp_tac_against_a_real_rp(env: Env) -> None:
     assert status.exitCode == 0 or status.signal == signal.SIGTERM, proc.text
     assert "Traceback" not in proc.text, proc.text
     assert re.search(r"conn \d+ to 127\.0\.0\.1:\d+ ended", proc.text), proc.text
+
+
+@pytest.mark.parametrize(
+    "remote,endpoint",
+    [
+        ("::1", "tcp:host=\\:\\:1:port=6000:timeout=10"),
+        ("[::1]", "tcp:host=\\:\\:1:port=6000:timeout=10"),
+        ("[2001:db8::1]:7000", "tcp:host=2001\\:db8\\:\\:1:port=7000:timeout=10"),
+        ("tcp:[::1]:7000:timeout=3", "tcp:\\:\\:1:7000:timeout=3"),
+        ("127.0.0.1:7000", "tcp:host=127.0.0.1:port=7000:timeout=10"),
+    ],
+)
+def test_remote_forms(remote: str, endpoint: str) -> None:
+    assert lp_tap.parse_remote(remote, 10) == endpoint
+
+
+@pytest.mark.parametrize(
+    "remote,message",
+    [
+        ("tcp6:host=::1:port=6000", "--remote: 'tcp6' is not a client endpoint type here (tcp, tls, ssl, unix)"),
+        ("[::g]:6000", "--remote: '::g' is not an IPv6 address"),
+        ("[::1]:x", "--remote port must be a whole number in 1..65535, not 'x'"),
+        (":6000", "--remote must be HOST, HOST:PORT, [IPV6]:PORT or a client endpoint string"),
+    ],
+)
+def test_bad_remote_forms_say_what_is_wrong(remote: str, message: str) -> None:
+    with pytest.raises(usage.UsageError) as e:
+        lp_tap.parse_remote(remote, 10)
+    assert str(e.value).startswith(message), str(e.value)

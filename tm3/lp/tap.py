@@ -7,7 +7,9 @@ and ``tm3lp.tac`` calls it too, with options taken from ``TM3_*`` variables
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 
 from twisted.internet import endpoints
@@ -75,22 +77,42 @@ ENVIRONMENT = {
 ENDPOINT_TYPES = ("tcp", "tls", "ssl", "unix")
 
 
+REMOTE_FORMS = "HOST, HOST:PORT, [IPV6]:PORT or a client endpoint string (tcp:HOST:PORT, tls:HOST:PORT:...)"
+
+
 def parse_remote(text: str, connect_timeout: float) -> str:
     """The RP as a Twisted client endpoint string: ``tcp:HOST:PORT``,
-    ``tls:HOST:PORT:trustRoots=...`` and the like as given, or ``HOST[:PORT]``
-    (resolved once, now) made into ``tcp:host=...:port=...``."""
+    ``tls:HOST:PORT:trustRoots=...`` and the like as given (an IPv6 address
+    may be written ``[::1]`` in them), or ``HOST[:PORT]``, ``[IPV6][:PORT]``
+    or a bare IPv6 address made into ``tcp:host=...:port=...`` (a name is
+    resolved to IPv4 once, now)."""
     kind = text.split(":", 1)[0].strip().lower()
     if kind in ENDPOINT_TYPES:
+        text = re.sub(r"\[([0-9A-Fa-f:.]+)\]", lambda m: m.group(1).replace(":", "\\:"), text)
         check_client_endpoint("remote", text)
         return text
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(DEFAULT_RP_PORT)
-    if not host:
+    if re.fullmatch(r"[a-z][a-z0-9+-]*", kind) and "=" in text:
         raise usage.UsageError(
-            f"--remote must be HOST, HOST:PORT or a client endpoint string (tcp:HOST:PORT, tls:HOST:PORT:...), not {text!r}"
+            f"--remote: {kind!r} is not a client endpoint type here (tcp, tls, ssl, unix), in {text!r}"
         )
+    m = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", text)
+    if m:
+        host, port_text = m.group(1), m.group(2) or str(DEFAULT_RP_PORT)
+    elif text.count(":") > 1:
+        host, port_text = text, str(DEFAULT_RP_PORT)  # a bare IPv6 address
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, str(DEFAULT_RP_PORT)
+    if not host:
+        raise usage.UsageError(f"--remote must be {REMOTE_FORMS}, not {text!r}")
     port = parse_int("remote port", port_text, 1, 65535)
+    if ":" in host:
+        try:
+            address = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise usage.UsageError(f"--remote: {host!r} is not an IPv6 address (in {text!r})") from None
+        return f"tcp:host={address.replace(':', chr(92) + ':')}:port={port}:timeout={connect_timeout:g}"
     return f"tcp:host={_resolve('remote', host)}:port={port}:timeout={connect_timeout:g}"
 
 
@@ -121,6 +143,8 @@ def remote_ipv4(description: str) -> str | None:
     if args[0].lower() == "unix":
         return None
     host = kwargs.get("host") or (args[1] if len(args) > 1 else None)
+    if host and ":" in host:
+        return None  # IPv6 pipes: IPv4 redirect rules never catch them
     return _resolve("remote", host) if host else None
 
 
@@ -160,8 +184,9 @@ class Options(ProxyOptions):
         "and get reply 0x03 (network unreachable) if none is up within --socks-timeout."
     )
     optParameters = [
-        ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}; names are resolved once at "
-         "start), or a Twisted client endpoint string: tcp:HOST:PORT, or tls:HOST:PORT:trustRoots=CA_DIR "
+        ["remote", "r", None, f"The RP: HOST or HOST:PORT (port default {DEFAULT_RP_PORT}; names are resolved to IPv4 "
+         "once at start), an IPv6 address (::1, [::1]:6000), or a Twisted client endpoint string: tcp:HOST:PORT "
+         "(tcp:[::1]:6000), or tls:HOST:PORT:trustRoots=CA_DIR "
          "[:certificate=CERT.pem:privateKey=KEY.pem] for TLS pipes (mutual with a client certificate)."],
         ["key-file", None, None, "File holding the key shared with the RP (at least 32 characters): speak protocol v2 "
          "(authenticated pipes, a window per connection). The RP needs the same --key-file."],
@@ -206,7 +231,7 @@ class Options(ProxyOptions):
 
     def postOptions(self) -> None:
         if self["remote"] is None:
-            raise usage.UsageError("--remote is required: the RP's HOST or HOST:PORT")
+            raise usage.UsageError(f"--remote is required: the RP's {REMOTE_FORMS}")
         if self["pipes"] is None:
             raise usage.UsageError("--pipes is required: how many pipes to open to the RP (1..1024)")
         self["pipes"] = parse_int("pipes", self["pipes"], 1, 1024)
