@@ -1,16 +1,20 @@
 """Scale-out: several RP hosts behind HAProxy (``--listen haproxy:...``,
 tm3/proxyheader.py; ``contrib/haproxy/haproxy.cfg``).
 
-These run in the test's reactor on loopback: a relay stands in for HAProxy
-and starts each connection to the RP with a PROXY header naming an address
-of the test's choosing, so one machine can play many LPs.
+The first half runs in the test's reactor on loopback: a relay stands in for
+HAProxy and starts each connection to the RP with a PROXY header naming an
+address of the test's choosing, so one machine can play many LPs. The second
+half (``netns``, root) runs the sample HAProxy configuration for real in
+front of two RP hosts, with four LP hosts.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +27,15 @@ from twisted.protocols import portforward
 from tests.support import servers
 from tests.support.certs import PKI, make_pki
 from tests.support.env import Env
+from tests.support.netns import Topology
 from tests.support.pattern import Pattern
 from tests.support.ports import HOST
+from tests.support.processes import wait_for
+from tests.support.scaleout import SAMPLE, ScaleOut
 from tests.support.waiting import reactor, sleep, until
 from tm3.proxyheader import BadHeader, parse_header
 
+HAPROXY = shutil.which("haproxy")
 KEY = b"tm3 test key: 32 bytes and more.."
 
 pytestmark = [
@@ -203,3 +211,88 @@ async def test_a_bad_header_is_one_line_and_a_health_check_none(env: Env) -> Non
     assert "not a PROXY header (first bytes b'\\x16\\x03\\x01\\x02\\x00hello')" in lines[1]
     await sleep(0.1)
     assert rp.service.pipe_factory.admission.greeting == {} and rp.stats.sessions == 0
+
+
+# -- HAProxy for real, in namespaces ----------------------------------------------------------
+
+
+def test_the_sample_configuration_parses() -> None:
+    if HAPROXY is None:
+        pytest.skip("no haproxy binary (scripts/setup installs it)")
+    done = subprocess.run([HAPROXY, "-c", "-f", str(SAMPLE)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def bed(topology: Topology, tmp_path: Path) -> ScaleOut:
+    if HAPROXY is None:
+        pytest.skip("no haproxy binary (scripts/setup installs it)")
+    bed = ScaleOut(topology, tmp_path, lps=4, rps=2)
+    topology.add_cleanup(bed.close)
+    return bed
+
+
+def placement(bed: ScaleOut) -> dict[str, list[int]]:
+    """For each LP address: the RPs (0, 1) on which a session from it came up."""
+    where: dict[str, list[int]] = {}
+    for j in range(len(bed.rp_hosts)):
+        for _, peers in bed.sessions_up(j):
+            assert len(set(peers)) == 1, f"rp{j + 1}: one session's pipes from several addresses: {peers}"
+            where.setdefault(peers[0], []).append(j)
+    return where
+
+
+@pytest.mark.netns
+def test_lps_spread_over_two_rp_hosts_and_move_when_one_fails(bed: ScaleOut) -> None:
+    """Four LP hosts (three v2, one v1) through HAProxy to two RP hosts: every
+    LP's pipes land on one RP, named by the LP's own address; both RPs get
+    LPs; bytes go through every LP. Then one RP host drops off the network:
+    HAProxy's check marks it down and closes its pipes, and its LPs come back
+    up on the other RP."""
+    bed.start_servers()
+    for j in range(2):
+        bed.start_rp(j)
+    bed.start_haproxy()
+    for i in range(4):
+        bed.start_lp(i, v1=(i == 3))
+    for i in range(4):
+        bed.wait_lp_sessions(i)
+    lp_ips = [bed.lp_ip(i) for i in range(4)]
+    wait_for(lambda: sorted(placement(bed)) == sorted(lp_ips), "a session per LP on the RPs", 10)
+    where = placement(bed)
+    assert all(len(rps) == 1 for rps in where.values()), where  # no LP split, nor up twice
+    assert {rps[0] for rps in where.values()} == {0, 1}, f"balance source put every LP on one RP: {where}"
+    versions = {peers[0]: v for j in range(2) for v, peers in bed.sessions_up(j)}
+    assert versions == {ip: (1 if ip == lp_ips[3] else 2) for ip in lp_ips}
+    counts = [sum(1 for rps in where.values() if rps[0] == j) for j in range(2)]
+    for j in range(2):
+        m = bed.metrics(j)
+        assert (m["tm3_sessions_up"], m["tm3_pipes_up"]) == (counts[j], 3 * counts[j]), m
+    for i in range(4):
+        out = bed.client(i, 20, 1000, 100_000, parallel=4)
+        assert "OK: all 20 responses verified" in out
+    for j in range(2):  # each RP carried exactly the connections of its own LPs
+        rp = bed.rps[j]
+        assert rp is not None
+        assert rp.ended() == 4 * counts[j]
+
+    # rp1's host goes off the network (no FIN, no RST: a dead machine).
+    failed = where[lp_ips[0]][0]
+    moved = [i for i in range(4) if where[lp_ips[i]][0] == failed]
+    before = {i: bed.lp_sessions(i) for i in range(4)}
+    host = bed.rp_hosts[failed]
+    host.run(["ip", "link", "set", host.iface_towards(bed.lb), "down"])
+    for i in moved:
+        bed.wait_lp_sessions(i, before[i] + 1, timeout=30)
+    other = 1 - failed
+    wait_for(
+        lambda: all(lp_ips[i] in {p[0] for _, p in bed.sessions_up(other)} for i in moved),
+        "the moved LPs' sessions on the other RP",
+        10,
+    )
+    assert "is DOWN" in bed.haproxy_log.read_text()
+    for i in range(4):
+        out = bed.client(i, 10, 1000, 50_000, parallel=2)
+        assert "OK: all 10 responses verified" in out
+    m = bed.metrics(other)
+    assert (m["tm3_sessions_up"], m["tm3_pipes_up"]) == (4, 12), m
