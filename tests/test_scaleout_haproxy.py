@@ -223,6 +223,18 @@ def test_the_sample_configuration_parses() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_readme_shows_the_sample_configuration() -> None:
+    """The README's configuration is the tested sample, without its comments."""
+    readme = (SAMPLE.parents[2] / "README.md").read_text()
+    section = readme.split("### Several RP hosts behind HAProxy", 1)[1]
+    shown = section.split("```\n", 2)[1]
+
+    def lines(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+    assert lines(shown) == lines(SAMPLE.read_text())
+
+
 @pytest.fixture
 def bed(topology: Topology, tmp_path: Path) -> ScaleOut:
     if HAPROXY is None:
