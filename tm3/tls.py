@@ -39,6 +39,8 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tm3 import proxyheader
+
 PREFIX = "tls"
 SYNTAX = "tls:PORT:privateKey=KEY.pem:certificate=CERT.pem[:caCerts=CA.pem][:interface=ADDR][:backlog=N]"
 
@@ -64,8 +66,11 @@ class BadTLSFile(ValueError):
 
 
 def server_from_string(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """``endpoints.serverFromString``, except that ``tls:`` is always ours."""
+    """``endpoints.serverFromString``, except that ``tls:`` is always ours, and
+    so is ``haproxy:`` (tm3/proxyheader.py), around any of them."""
     kind, _, rest = description.partition(":")
+    if kind.strip().lower() == proxyheader.PREFIX:
+        return proxyheader.proxied(reactor, server_from_string(reactor, rest))
     if kind.strip().lower() != PREFIX:
         endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, description)
         return endpoint
