@@ -19,7 +19,7 @@ from tm3.core import wire
 from tm3.core.handshake import MAGIC, ClientHandshake, HandshakeError, new_session_id
 from tm3.mux.pipes import PipeProtocol
 from tm3.mux.settings import V1, Terms
-from tm3.rp.service import PipeFactory
+from tm3.rp.service import PipeFactory, Refused
 
 KEY = b"s" * 32
 WAIT = 1.0
@@ -142,7 +142,7 @@ def test_greeting_pipes_count_against_max_pending_and_leave_no_timer() -> None:
     h = Harness()
     h.factory.max_pending = 3
     accepted = [h.accept() for _ in range(3)]
-    assert h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)) is None
+    assert isinstance(h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)), Refused)
     for pipe, _ in accepted:
         pipe.connectionLost(Failure(ConnectionDone()))
     assert not h.factory.admission.greeting
@@ -153,13 +153,13 @@ def test_one_address_cannot_take_every_pending_slot() -> None:
     h = Harness()
     h.factory.max_per_address = 3
     mine = [h.accept("10.0.0.9") for _ in range(3)]
-    assert h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)) is None
+    assert isinstance(h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)), Refused)
     h.accept("10.0.0.8")  # another address still gets in
     # Waiting in a set counts as much as being greeted.
     mine[0][0].dataReceived(wire.encode_syn(1, "192.0.2.1", 80))  # v1: joins its address's set
-    assert h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)) is None
+    assert isinstance(h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)), Refused)
     mine[1][0].connectionLost(Failure(ConnectionDone()))
-    assert h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)) is not None
+    assert isinstance(h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1)), PipeProtocol)
 
 
 def test_a_v2_set_larger_than_one_address_may_hold_is_refused(logs: Any) -> None:

@@ -21,6 +21,7 @@ from tm3.mux.inbound import QUEUE_CHUNK_OVERHEAD
 from tm3.mux.outbound import OUT_CHUNK_OVERHEAD
 from tm3.mux.pipes import EARLY_READ_LIMIT, MAX_EARLY_BYTES, PENDING_TIMEOUT
 from tm3.rp.orphans import ORPHAN_ID_OVERHEAD, ORPHAN_OVERHEAD
+from tm3.rp.service import Refused
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -100,7 +101,7 @@ def test_a_pipe_from_another_address_never_completes_a_set(logs: LogCapture) -> 
 def test_allow_from_refuses_pipes_from_elsewhere_at_accept(logs: LogCapture) -> None:
     rp = RP(n=1)
     rp.factory.allow_from = (ipaddress.IPv4Network("10.9.0.0/24"),)
-    assert rp.factory.buildProtocol(IPv4Address("TCP", "10.66.0.1", 5000)) is None
+    assert isinstance(rp.factory.buildProtocol(IPv4Address("TCP", "10.66.0.1", 5000)), Refused)
     assert logs.matching("pipe from 10.66.0.1 refused: not in --allow-from")
     assert rp.up("10.9.0.7") is not None
 
@@ -110,7 +111,7 @@ def test_pending_pipes_are_bounded_in_all(logs: LogCapture) -> None:
     rp.factory.max_pending = 3
     for i in range(3):
         rp.add_pipe(f"10.66.0.{i + 1}")
-    assert rp.factory.buildProtocol(IPv4Address("TCP", "10.66.0.9", 5000)) is None
+    assert isinstance(rp.factory.buildProtocol(IPv4Address("TCP", "10.66.0.9", 5000)), Refused)
     assert logs.matching("pipe from 10.66.0.9 refused: 3 pipes already wait for their sets")
     # One leaves: room again.
     rp.factory.pending[0].connectionLost(Failure(ConnectionDone()))

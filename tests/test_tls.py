@@ -40,7 +40,7 @@ from tests.support.env import Env
 from tests.support.pattern import Pattern
 from tests.support.ports import HOST
 from tests.support.proxies import LP, RP
-from tests.support.waiting import reactor, sleep, until
+from tests.support.waiting import reactor, sleep, until, within
 from tm3.rp import tap as rp_tap
 from tm3.tls import TLSServerParser, server_from_string
 
@@ -357,3 +357,15 @@ def test_the_rp_takes_tls_as_ours_whatever_plugin_twisted_finds_first(pki: PKI) 
         expected = type(twisteds[0].parseStreamServer(reactor(), directory, port="0"))
         assert type(TLSServerParser().parseStreamServer(reactor(), directory, port="0")) is expected
         assert type(serverFromString(reactor(), f"tls:{directory}:port=0")) is expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipe_refused_at_accept_on_a_tls_listener_is_closed_cleanly(env: Env, pki: PKI) -> None:
+    """--allow-from refuses at accept, before TLS: the socket is closed with
+    one line, and Twisted's TLS wrapper has a protocol to wrap (it used to be
+    handed nothing and log an unhandled AttributeError)."""
+    rp = await env.rp(1, "--listen", listen(pki.good.server), "--allow-from", "10.0.0.0/8")
+    client = await env.connect(rp.port)
+    await within(client.lost.wait(), 5, "the refused pipe to close")
+    assert "pipe from 127.0.0.1 refused: not in --allow-from" in env.logged()
+    assert "Unhandled" not in env.logged() and "AttributeError" not in env.logged()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from tm3.core.credit import DEFAULT_INITIAL_WINDOW
@@ -115,6 +115,14 @@ def is_local_address(host: str) -> bool:
     return True
 
 
+class Refused(Protocol):
+    """A pipe refused at accept: closed at once. (Not ``None`` from
+    buildProtocol: Twisted's TLS wrapper would wrap nothing and fail.)"""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 class PipeFactory(Factory):
     """Accepts pipes, greets them (:class:`~tm3.rp.admission.Admission`: which
     version, and the v2 handshake), and gathers them into pending sets: v1
@@ -166,11 +174,11 @@ class PipeFactory(Factory):
     def pending(self) -> list[PipeProtocol]:
         return [pipe for group in self.groups.values() for pipe in group.pipes]
 
-    def buildProtocol(self, addr: Any) -> PipeProtocol | None:
+    def buildProtocol(self, addr: Any) -> PipeProtocol | Refused:
         host = str(getattr(addr, "host", ""))
         if self.allow_from and not _within(host, self.allow_from):
             self.log.info("pipe from {host} refused: not in --allow-from", host=host)
-            return None
+            return Refused()
         for key in [k for k, g in self.groups.items() if not g.pipes]:
             del self.groups[key]
         if self.max_per_address and self._pending_from(host) >= self.max_per_address:
@@ -179,14 +187,14 @@ class PipeFactory(Factory):
                 host=host,
                 n=self.max_per_address,
             )
-            return None
+            return Refused()
         if len(self.admission) + sum(len(g) for g in self.groups.values()) >= self.max_pending:
             self.log.warn(
                 "pipe from {host} refused: {n} pipes already wait for their sets (--max-pending-pipes)",
                 host=host,
                 n=self.max_pending,
             )
-            return None
+            return Refused()
         pipe = PipeProtocol(greeter=self.admission)
         pipe.factory = self
         return pipe
