@@ -74,7 +74,8 @@ class Options(ProxyOptions):
          "a v2 LP says how many its set has."],
         ["listen", "l", "tcp:6000", "Where to accept pipes: a Twisted server endpoint string "
          "(tcp:6000, tcp:6000:interface=10.0.0.1, ssl:..., unix:/path), or for TLS pipes tls:6000:privateKey=KEY.pem:"
-         "certificate=CERT.pem[:caCerts=CA.pem] (with caCerts, every LP must present a certificate those CAs signed)."],
+         "certificate=CERT.pem[:caCerts=CA.pem] (with caCerts, every LP must present a certificate those CAs signed); "
+         "haproxy:tcp:6000 or haproxy:tls:... behind HAProxy's send-proxy-v2 (the PROXY header gives each LP's address)."],
         ["max-pending-pipes", None, None, "Pipes that may wait for their sets to complete, from all addresses "
          f"together (--pipes..65536; default {DEFAULT_MAX_PENDING}, or --pipes if larger); more are closed at accept."],
         ["max-pending-per-address", None, None, "Of those, how many may come from one address (--pipes..65536; "
