@@ -82,3 +82,16 @@ async def test_a_connection_outlasting_the_drain_is_reset(env: Env) -> None:
     await within(stopping, 5, "the drain to time out")
     await within(client.lost.wait(), 5, "the client to be reset")
     assert "drain timeout after 1 s: resetting 1 connection still open" in env.logged()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_lp_closes_its_pipes_cleanly(env: Env) -> None:
+    """A proxy that stops closes its pipes with a FIN: the peer logs a clean
+    close, not a connection "lost in a non-clean fashion" (a reset)."""
+    rp = await env.rp(2)
+    lp = await env.lp(rp.port, 2)
+    await until(lambda: rp.session is not None, 5, "the RP's session")
+    await lp.stop()
+    await until(lambda: rp.session is None, 5, "the RP's session to end")
+    (line,) = [line for line in env.logged().splitlines() if "session 1 lost" in line and "closed" in line]
+    assert line.endswith("closed: Connection was closed cleanly."), line

@@ -147,7 +147,8 @@ def test_stopping_the_service_ends_the_session_and_does_not_redial() -> None:
     _, transport = lp.accept()
     lp.proxy.stopService()
     assert session.ended and transport.disconnected
-    assert lp.pipes[0][1].disconnected
+    pipe = lp.pipes[0][1]
+    assert pipe.disconnecting and not pipe.disconnected  # a FIN, not a reset: the RP sees a clean close
     lp.reactor.advance(60)
     assert lp.dials() == [] and lp.reactor.getDelayedCalls() == []
 

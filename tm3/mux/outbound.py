@@ -376,11 +376,11 @@ class Outbound:
         for conn in paused:
             self.resume_reader(conn, PAUSE_SESSION)
 
-    def close(self) -> None:
+    def close(self, clean: bool = False) -> None:
         if self._kick is not None and self._kick.active():
             self._kick.cancel()
         self._kick = None
         self.paused.clear()
         self.when_sent.clear()
         self.control.clear()
-        self.pipes.close()
+        self.pipes.close(clean)

@@ -55,6 +55,8 @@ PIPE_ORDERS = (DELIVERY_TIME, ROTATION)
 # (docs/protocol.md, "How a session forms").
 PENDING_TIMEOUT = 30.0
 EARLY_READ_LIMIT = 64 * 1024
+# A pipe closed with a FIN (a proxy that stops) is reset if still open this long after.
+FINISH_TIMEOUT = 2.0
 MAX_EARLY_BYTES = 256 * 1024
 # TCP keepalive on every pipe: first probe after 30 s idle, then every 10 s;
 # 3 unanswered probes close the pipe (and end its session), so a peer that
@@ -117,6 +119,7 @@ class PipeProtocol(Protocol):
         # For --metrics (tm3/metrics.py): what went each way, framed.
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._finishing: IDelayedCall | None = None  # the reset after a FIN that did not close it
 
     # -- Twisted callbacks -------------------------------------------------
 
@@ -199,6 +202,9 @@ class PipeProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False
+        if self._finishing is not None and self._finishing.active():
+            self._finishing.cancel()
+        self._finishing = None
         owner = self.owner
         if owner is not None:
             owner.pipe_lost(self, reason)
@@ -326,6 +332,24 @@ class PipeProtocol(Protocol):
         if len(info) < _TCPI_RTT_OFFSET + _TCPI_RTT.size:
             return 0.0
         return float(_TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)[0]) / 1e6
+
+    def finish(self, clock: IReactorTime) -> None:
+        """Close the pipe with a FIN once Twisted has written what it holds:
+        a proxy that stops, with nothing left to carry. Reset after
+        FINISH_TIMEOUT if it is still open (a TLS pipe waits for the peer's
+        close_notify, which a peer that does not read never sends)."""
+        self.owner = None
+        self.group = None
+        self.greeter = None
+        transport = self.transport
+        if transport is not None and self.connected_:
+            transport.loseConnection()
+            self._finishing = clock.callLater(FINISH_TIMEOUT, self._finish_expired)
+
+    def _finish_expired(self) -> None:
+        self._finishing = None
+        if self.transport is not None and self.connected_:
+            abort_transport(self.transport)
 
     def abort(self) -> None:
         """Close the pipe now: a dead session's backlog is worth nothing."""
@@ -465,11 +489,14 @@ class PipeSet:
                 )
                 return
 
-    def close(self) -> None:
+    def close(self, clean: bool = False) -> None:
         self._stop_watch()
         for pipe in self.pipes:
             pipe.pipe_set = None
-            pipe.abort()
+            if clean:
+                pipe.finish(self._reactor)
+            else:
+                pipe.abort()
 
 
 class PipeGathering(Factory):

@@ -248,8 +248,10 @@ class Session:
 
     # -- ending --------------------------------------------------------------------
 
-    def end(self, why: str) -> None:
-        """Reset every connection, close the pipes, forget everything."""
+    def end(self, why: str, clean: bool = False) -> None:
+        """Reset every connection, close the pipes (``clean``: with a FIN
+        after what they hold, as a proxy that stops does; else a reset),
+        forget everything."""
         if self.ended:
             return
         self.ended = True
@@ -264,7 +266,7 @@ class Session:
         self.inbound.close()
         self.timeouts.close()
         self.role.session_ended()
-        self.outbound.close()
+        self.outbound.close(clean)
         self.log.info(
             "{session} lost after {seconds:.1f} s: {why}",
             session=self.name,

@@ -107,21 +107,22 @@ class Sessions:
         if self.on_down is not None:
             self.on_down(session, why)
 
-    def end(self, why: str) -> None:
+    def end(self, why: str, clean: bool = False) -> None:
         for session in list(self.by_key.values()):
-            session.end(why)
+            session.end(why, clean)
 
     def open_connections(self) -> int:
         return sum(len(session.live) for session in self.by_key.values())
 
     def drain(self, timeout: float, why: str = "service stopping") -> Deferred[None]:
         """Take no new connections; once every open one is over, or after
-        ``timeout`` seconds, end every session (``why``). Fires then."""
+        ``timeout`` seconds, end every session (``why``), closing the pipes
+        with a FIN (the peer sees a clean close, not a reset). Fires then."""
         for session in self.by_key.values():
             session.draining = True
         open_now = self.open_connections()
         if timeout <= 0 or open_now == 0:
-            self.end(why)
+            self.end(why, clean=True)
             return succeed(None)
         self.log.info(
             "draining: {n} connection{s} open; waiting up to {t:g} s for them to finish",
@@ -146,7 +147,7 @@ class Sessions:
                 )
             else:
                 self.log.info("drained: every connection finished")
-            self.end(why)
+            self.end(why, clean=True)
             done.callback(None)
 
         poll = LoopingCall(check)

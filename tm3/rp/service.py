@@ -23,6 +23,7 @@ from tm3.core.destinations import DestinationPolicy
 from tm3.core.handshake import Hello
 from tm3.fdlimit import FdCeiling, start_ceiling
 from tm3.logs import plural
+from tm3.mux.flow import abort_transport
 from tm3.mux.pipes import PENDING_TIMEOUT, PipeGathering, PipeProtocol
 from tm3.mux.session import Session
 from tm3.mux.sessions import Sessions
@@ -120,7 +121,7 @@ class Refused(Protocol):
     buildProtocol: Twisted's TLS wrapper would wrap nothing and fail.)"""
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()
+        abort_transport(self.transport)
 
 
 class PipeFactory(Factory):
