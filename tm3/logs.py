@@ -124,8 +124,35 @@ class _NotNoise:
         return PredicateResult.maybe
 
 
+# A worker of a --workers RP (tm3/rp/worker.py) says which it is on every line.
+_label = ""
+
+
+def set_label(label: str) -> None:
+    """Begin every line of this process with ``LABEL: `` (and give JSON
+    lines a ``process`` field): set before twistd starts logging."""
+    global _label
+    _label = label
+
+
+@implementer(ILogObserver)
+class _Labelled:
+    def __init__(self, observer: ILogObserver, label: str) -> None:
+        self.observer = observer
+        self.label = label
+
+    def __call__(self, event: LogEvent) -> None:
+        text = event.get("log_format")
+        if text is not None and "message" not in event:  # ours, not a legacy line
+            event = {**event, "log_format": f"{self.label}: {text}", "process": self.label}
+        self.observer(event)
+
+
 def filtered(observer: ILogObserver, level: LogLevel = LogLevel.info) -> ILogObserver:
-    """``observer`` behind the level filter and without the ports' noise."""
+    """``observer`` behind the level filter and without the ports' noise
+    (and with this process's label, if it has one)."""
+    if _label:
+        observer = _Labelled(observer, _label)
     return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=level), _NotNoise()])
 
 

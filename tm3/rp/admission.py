@@ -87,6 +87,14 @@ class Admission:
         wait = self.hello_wait if self.allow_v1 and not tls else self.handshake_timeout
         self.greeting[pipe] = _Greeting(self.reactor.callLater(wait, self._quiet, pipe))
 
+    def waited_out(self, pipe: PipeProtocol) -> None:
+        """The pipe has said nothing for the hello wait already, before it
+        came here (a ``--workers`` front waited: tm3/rp/front.py): where v1
+        is served, it is an idle v1 LP now, not a second wait later."""
+        g = self.greeting.get(pipe)
+        if g is not None and g.handshake is None and not g.first and self.allow_v1:
+            self._quiet(pipe)
+
     def pipe_secured(self, pipe: PipeProtocol) -> None:
         """The pipe's TLS handshake is over: now the hello wait starts."""
         g = self.greeting.get(pipe)

@@ -12,10 +12,11 @@ import functools
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorSocket
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
 
 from tm3.core.credit import DEFAULT_INITIAL_WINDOW
@@ -31,6 +32,7 @@ from tm3.mux.settings import V1, Settings, Terms
 from tm3.reactor import IProxyReactor
 from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT, Admission
 from tm3.rp.role import RemoteRole
+from tm3.rp.routing import QUIET
 
 DEFAULT_MAX_PENDING = 256
 DEFAULT_MAX_PER_ADDRESS = 64
@@ -170,6 +172,7 @@ class PipeFactory(Factory):
         self.is_live = is_live
         self.admission = Admission(reactor, self._v1, self._v2, key, window, allow_v1, hello_wait, handshake_timeout)
         self.groups: dict[str, PipeGathering] = {}  # v1: by source address; v2: by session key
+        self._adopted: PipeProtocol | None = None  # the pipe adopt() made
 
     @property
     def pending(self) -> list[PipeProtocol]:
@@ -177,7 +180,7 @@ class PipeFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> PipeProtocol | Refused:
         host = str(getattr(addr, "host", ""))
-        if self.allow_from and not _within(host, self.allow_from):
+        if self.allow_from and not within(host, self.allow_from):
             self.log.info("pipe from {host} refused: not in --allow-from", host=host)
             return Refused()
         for key in [k for k, g in self.groups.items() if not g.pipes]:
@@ -198,6 +201,7 @@ class PipeFactory(Factory):
             return Refused()
         pipe = PipeProtocol(greeter=self.admission)
         pipe.factory = self
+        self._adopted = pipe
         return pipe
 
     def _pending_from(self, host: str) -> int:
@@ -248,6 +252,19 @@ class PipeFactory(Factory):
         pipe.index = hello.index
         pipe.join(group, rest)
 
+    def adopt(self, reactor: IReactorSocket, fd: int, family: int, verdict: str) -> PipeProtocol | None:
+        """Take a pipe that a ``--workers`` front accepted and routed here
+        (tm3/rp/worker.py): the connected socket ``fd`` (the caller closes
+        its copy), and what the front learned of it (tm3/rp/routing.py). Its
+        bytes are all still in the socket: the front only peeked. Returns
+        the pipe, or ``None`` if it was refused."""
+        self._adopted = None
+        reactor.adoptStreamConnection(fd, socket.AddressFamily(family), cast(ServerFactory, self))
+        pipe, self._adopted = self._adopted, None
+        if pipe is not None and verdict == QUIET:
+            self.admission.waited_out(pipe)
+        return pipe
+
     def stop(self) -> None:
         self.admission.close()
         for group in self.groups.values():
@@ -255,7 +272,8 @@ class PipeFactory(Factory):
         self.groups.clear()
 
 
-def _within(host: str, networks: Sequence[ipaddress.IPv4Network]) -> bool:
+def within(host: str, networks: Sequence[ipaddress.IPv4Network]) -> bool:
+    """Whether ``host`` (an address) is in one of ``networks`` (``--allow-from``)."""
     try:
         address = ipaddress.IPv4Address(host)
     except ValueError:
