@@ -138,6 +138,9 @@ BAD = [
     ("log-format", "xml", "text, json"),
     ("send-queue", "63KiB", "65536..1073741824"),
     ("total-send-queue", "1023KiB", "1048576..17179869184"),
+    ("workers", "0", "1..64"),
+    ("workers", "65", "1..64"),
+    ("workers", "two", "1..64"),
 ]
 
 

@@ -7,16 +7,20 @@ and ``tm3rp.tac`` calls it too, with options taken from ``TM3_*`` variables.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorFDSet, IReactorSocket
 from twisted.python import usage
 
 from tm3.cli import ProxyOptions, cannot_start, os_reason
 from tm3.core.destinations import BadRule, DestinationPolicy, parse_rule
 from tm3.listening import ListeningService
+from tm3.logs import set_label
 from tm3.metrics import MetricsService, ProxyCollector
 from tm3.mux.settings import Settings
 from tm3.options import (
@@ -34,7 +38,9 @@ from tm3.options import (
 )
 from tm3.reactor import IProxyReactor, default_reactor
 from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT
+from tm3.rp.front import FrontService, metrics_for_workers
 from tm3.rp.service import DEFAULT_MAX_PENDING, DEFAULT_MAX_PER_ADDRESS, Multiplexer, PipeFactory, is_local_address
+from tm3.rp.worker import PipeReceiver, WorkerRole, worker_from_env
 from tm3.summary import SummaryService
 from tm3.tls import server_from_string
 
@@ -53,6 +59,7 @@ ENVIRONMENT = {
     "TM3_METRICS": "metrics",
     "TM3_LOG_FORMAT": "log-format",
     "TM3_SUMMARY_INTERVAL": "summary-interval",
+    "TM3_WORKERS": "workers",
 }
 # Flags: set when the variable is 1, yes or true.
 FLAGS = {"TM3_ALLOW_V1": "allow-v1"}
@@ -87,6 +94,10 @@ class Options(ProxyOptions):
          "v1 (a v1 LP's first message classifies it at once) (0 < s <= 60)."],
         ["handshake-timeout", None, str(HANDSHAKE_TIMEOUT), "Seconds a v2 pipe has to finish its handshake "
          "(0 < s <= 600)."],
+        ["workers", None, "1", "Processes that run sessions (1..64). 1: this one. N >= 2: this process becomes a "
+         "front that accepts the pipes and passes each to one of N worker processes it starts (a v2 set by its "
+         "session id, a v1 set by its address), restarts one that dies, and stops them on SIGTERM; needs a tcp: "
+         "--listen, and --metrics tcp:PORT gives worker i PORT+i-1."],
         *TUNING_PARAMETERS,
         *OBSERVE_PARAMETERS,
     ]  # fmt: skip
@@ -98,6 +109,12 @@ class Options(ProxyOptions):
         super().__init__()
         self["destination-rules"] = []
         self["allow-from"] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: Any = None) -> None:
+        # Kept for the workers of a --workers front: the same options, each its own.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_allow_from(self, spec: str) -> None:
         """CIDR: accept pipes only from these networks (repeatable); others are
@@ -153,17 +170,45 @@ class Options(ProxyOptions):
         self["key"] = read_key_file("key-file", self["key-file"]) if self["key-file"] is not None else None
         if self["allow-v1"] and self["key"] is None:
             raise usage.UsageError("--allow-v1 goes with --key-file (without a key, v1 is all this RP serves)")
+        self._workers()
+
+    def _workers(self) -> None:
+        self["workers"] = parse_int("workers", self["workers"], 1, 64)
+        try:
+            self["worker"] = worker_from_env(os.environ)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["worker"] is not None:
+            set_label(f"worker {self['worker'].index}")
+            return
+        self["worker-metrics"] = []
+        if self["workers"] == 1:
+            return
+        endpoint = server_from_string(default_reactor(), self["listen"])
+        if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+            raise usage.UsageError(
+                f"--workers {self['workers']} needs a tcp: --listen, not {self['listen']!r}: the front routes "
+                "a pipe by its first bytes, which TLS hides (run --workers 1 for TLS pipes)"
+            )
+        if self["metrics"] is not None:
+            try:
+                self["worker-metrics"] = metrics_for_workers(self["metrics"], self["workers"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics with --workers: {e}") from None
 
     def settings(self) -> Settings:
         return settings_from(self)
 
 
 class RemoteProxyService(MultiService):
-    """The RP: a :class:`~tm3.rp.service.Multiplexer` fed by a listening :class:`~tm3.mux.pipes.PipeFactory`."""
+    """The RP: a :class:`~tm3.rp.service.Multiplexer` fed by a listening
+    :class:`~tm3.mux.pipes.PipeFactory`; or, as a worker of a ``--workers``
+    front (``role``), by the pipes the front passes (tm3/rp/worker.py)."""
 
-    def __init__(self, config: Options, reactor: IProxyReactor) -> None:
+    def __init__(self, config: Options, reactor: IProxyReactor, role: WorkerRole | None = None) -> None:
         super().__init__()
         self.setName("tm3rp")
+        self.reactor = reactor
         self.destinations = DestinationPolicy(config["destination-rules"], is_own_address=is_local_address)
         self.multiplexer = Multiplexer(reactor, config.settings(), self.destinations)
         self.multiplexer.setServiceParent(self)
@@ -182,9 +227,16 @@ class RemoteProxyService(MultiService):
             handshake_timeout=config["handshake-timeout"],
         )
         self.listen = config["listen"]
-        endpoint = server_from_string(reactor, config["listen"])
-        self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
-        self.listener.setServiceParent(self)
+        self.listener: ListeningService | None = None
+        self.receiver: PipeReceiver | None = None
+        if role is None:
+            endpoint = server_from_string(reactor, config["listen"])
+            self.listener = ListeningService(endpoint, self.pipe_factory, f"TM3 pipes, {config['pipes']} per session")
+            self.listener.setServiceParent(self)
+        else:
+            assert IReactorFDSet.providedBy(reactor)
+            self.receiver = PipeReceiver(reactor, role.fd, self._adopt, reactor.stop)
+            self.receiver.setServiceParent(self)
         stats, sessions = self.multiplexer.stats, self.multiplexer.sessions.by_key.values
         if config["metrics"] is not None:
             collector = ProxyCollector("rp", stats, sessions)
@@ -199,6 +251,8 @@ class RemoteProxyService(MultiService):
         except CannotListenError as e:
             cannot_start("tm3rp", f"cannot listen on {self.listen}: {os_reason(e.socketError)}")
         self.multiplexer.watch_fds(self.pipe_factory.max_pending)
+        if self.listener is None:
+            return
         # A carried connection to our own pipe port would join a session as a pipe.
         port = self.listener.port
         pipe_port = getattr(port.getHost(), "port", None) if port is not None else None
@@ -206,17 +260,40 @@ class RemoteProxyService(MultiService):
             self.destinations.own_ports.add(pipe_port)
 
     def when_listening(self) -> Any:
+        assert self.listener is not None
         return self.listener.when_listening()
+
+    def _adopt(self, fd: int, family: int, verdict: str) -> None:
+        assert IReactorSocket.providedBy(self.reactor)
+        pipe = self.pipe_factory.adopt(self.reactor, fd, family, verdict)
+        port = getattr(pipe.transport.getHost(), "port", None) if pipe is not None and pipe.transport else None
+        if isinstance(port, int):
+            # The front's pipe port: a carried connection to it would come back as a pipe.
+            self.destinations.own_ports.add(port)
 
     def stopService(self) -> Any:
         self.pipe_factory.stop()
         return super().stopService()
 
 
-def makeService(config: Options, reactor: IProxyReactor | None = None) -> RemoteProxyService:
+def makeService(config: Options, reactor: IProxyReactor | None = None) -> MultiService:
     if reactor is None:
         reactor = default_reactor()
-    return RemoteProxyService(config, reactor)
+    if config["worker"] is None and config["workers"] > 1:
+        return FrontService(
+            reactor,
+            config["listen"],
+            config["workers"],
+            [*config.argv, "--workers", "1"],
+            worker_metrics=config["worker-metrics"],
+            allow_from=config["allow-from"],
+            max_pending=config["max-pending-pipes"],
+            hello_wait=config["hello-wait"],
+            handshake_timeout=config["handshake-timeout"],
+            v1_only=config["key"] is None,
+            drain_timeout=config["drain-timeout"],
+        )
+    return RemoteProxyService(config, reactor, config["worker"])
 
 
 def options_from_env(environ: Mapping[str, str] | None = None) -> Options:

@@ -1,0 +1,317 @@
+"""``twistd tm3rp --workers N``: a front process that routes each pipe, by
+what its first bytes say, to one of N worker processes (tm3/rp/front.py,
+tm3/rp/worker.py, tm3/rp/routing.py).
+
+The routing itself is pure and tested without sockets; the rest runs the
+real ``twistd`` front and its workers as child processes, with our LP in
+this process (v2 with chosen session ids, so the test knows which worker
+each set must land on, or v1)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+
+from tests.support import servers
+from tests.support.certs import make_pki
+from tests.support.env import Env
+from tests.support.pattern import Pattern
+from tests.support.ports import HOST
+from tests.support.processes import LISTENING, TWISTD, Proc
+from tests.support.proxies import LP
+from tests.support.waiting import until, within
+from tm3.core.handshake import Hello
+from tm3.lp import dialer
+from tm3.rp import tap as rp_tap
+from tm3.rp.front import FrontService, metrics_for_workers
+from tm3.rp.routing import QUIET, V1, V2, Route, address_key, route, worker_for
+
+MiB = 1024 * 1024
+# worker_for(address_key("10.0.0.i"), 2) for i in 0..7, as it was when the front was written.
+PINNED = [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def hello(session_id: bytes, index: int = 0, n: int = 2) -> bytes:
+    return Hello(os.urandom(16), session_id, n, index, 262144).encode()
+
+
+# -- routing (pure) -------------------------------------------------------------------
+
+
+def test_a_v2_hello_routes_by_its_session_id_whatever_the_address() -> None:
+    sid = bytes(range(16))
+    a = route(hello(sid, 0), "10.0.0.1")
+    b = route(hello(sid, 1) + b"more", "10.0.0.2")
+    assert a == b == Route(V2, b"v2 " + sid)
+
+
+def test_first_bytes_that_are_not_the_magic_route_a_v1_pipe_by_address() -> None:
+    assert route(b"\x00\x01", "10.0.0.1") == Route(V1, address_key("10.0.0.1"))
+    assert route(b"TM3v1", "10.0.0.1") == Route(V1, address_key("10.0.0.1"))  # differs at byte 5
+
+
+def test_part_of_the_magic_or_nothing_is_not_decided_yet() -> None:
+    whole = hello(b"s" * 16)
+    for n in (0, 1, 7, 8, 47):
+        assert route(whole[:n], "10.0.0.1") is None
+    # After the hello wait: silence is an idle v1 LP; part of a hello still waits.
+    assert route(b"", "10.0.0.1", waited=True) == Route(QUIET, address_key("10.0.0.1"))
+    assert route(whole[:20], "10.0.0.1", waited=True) is None
+
+
+def test_the_worker_hash_is_stable_and_spreads_keys() -> None:
+    # Not Python's salted hash(): the same in every process and run.
+    assert worker_for(b"v2 " + bytes(16), 4) == worker_for(b"v2 " + bytes(16), 4)
+    assert [worker_for(address_key(f"10.0.0.{i}"), 8) for i in range(8)] == [
+        worker_for(address_key(f"10.0.0.{i}"), 8) for i in range(8)
+    ]
+    counts = collections.Counter(worker_for(b"v2 " + i.to_bytes(16, "big"), 4) for i in range(4000))
+    assert set(counts) == {0, 1, 2, 3}
+    assert all(800 <= c <= 1200 for c in counts.values()), counts
+    assert {worker_for(b"k", 1)} == {0}
+
+
+def test_the_worker_hash_is_pinned() -> None:
+    # A front and its restarted self must agree: the hash is part of the design.
+    assert [worker_for(address_key(f"10.0.0.{i}"), 2) for i in range(8)] == PINNED
+
+
+# -- the real front and its workers -------------------------------------------------------------
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> str:
+    path = tmp_path / "tm3.key"
+    path.write_text("workers-test-key-" + "k" * 32 + "\n")
+    return str(path)
+
+
+def ids_for(worker: int, workers: int = 2) -> Iterator[bytes]:
+    """Session ids that the front routes to ``worker`` (1..workers)."""
+    i = 0
+    while True:
+        i += 1
+        sid = i.to_bytes(16, "big")
+        if worker_for(b"v2 " + sid, workers) + 1 == worker:
+            yield sid
+
+
+class Ids:
+    """Our LP's next session ids, chosen by the test (monkeypatched into tm3.lp.dialer);
+    random once the test's are used up."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.next: list[bytes] = []
+        monkeypatch.setattr(dialer, "new_session_id", self._take)
+
+    def _take(self) -> bytes:
+        return self.next.pop(0) if self.next else os.urandom(16)
+
+
+@pytest.fixture
+def ids(monkeypatch: pytest.MonkeyPatch) -> Ids:
+    return Ids(monkeypatch)
+
+
+async def front(env: Env, *extra: str, workers: int = 2) -> tuple[Proc, int]:
+    """``twistd tm3rp --workers`` as a child; returns it and its pipe port
+    once every worker has started."""
+    proc = env.spawn(
+        [TWISTD, "-n", "--pidfile=", "tm3rp", "--pipes", "2", "--workers", str(workers),
+         "--listen", f"tcp:0:interface={HOST}", "--allow-to", HOST, "--summary-interval", "0", *extra]
+    )  # fmt: skip
+    match = await within(proc.when_output(LISTENING), 30, "the front to listen")
+    for i in range(1, workers + 1):
+        await within(proc.when_output(rb"worker %d: taking pipes from the front" % i), 20, f"worker {i} to start")
+    return proc, int(match.group(1))
+
+
+async def stop_front(proc: Proc, within_s: float = 30) -> None:
+    proc.transport.signalProcess("TERM")
+    print(proc.text)
+    status = await within(proc.ended.wait(), within_s, "the front to end")
+    assert status.exitCode == 0 or status.signal == signal.SIGTERM, proc.text
+    assert "front at exit:" in proc.text, proc.text
+    assert "Traceback" not in proc.text, proc.text
+
+
+def pids(proc: Proc, worker: int) -> list[int]:
+    return [int(p) for p in re.findall(rf"worker {worker} started \(pid (\d+)\)", proc.text)]
+
+
+def lp_ports(lp: LP) -> set[int]:
+    return {p.transport.getHost().port for p in lp.session.pipes.pipes}
+
+
+def session_worker(proc: Proc, ports: set[int]) -> list[int]:
+    """The workers that logged a session up over exactly these LP pipe ports."""
+    found = []
+    for worker, peers in re.findall(r"worker (\d+): session \d+ up \(v\d\): \d+ pipes? from ([^\n]*)", proc.text):
+        if {int(p) for p in re.findall(r":(\d+)", peers)} == ports:
+            found.append(int(worker))
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_v2_sets_land_whole_on_the_worker_their_session_id_names(env: Env, key_file: str, ids: Ids) -> None:
+    proc, port = await front(env, "--key-file", key_file)
+    echo = await env.server(servers.echo(env.reactor))
+    one, two = ids_for(1), ids_for(2)
+    wanted = [1, 2, 1, 2, 2, 1]
+    lps = []
+    for w in wanted:
+        ids.next.append(next(one if w == 1 else two))
+        lps.append(await env.lp(port, 2, [echo.port], extra=["--key-file", key_file]))
+    for i, lp in enumerate(lps):
+        await env.echo_round_trip(lp, "forward", echo.port, Pattern(20 + i).bytes(300_000))
+    for w, lp in zip(wanted, lps):
+        ports = lp_ports(lp)
+        await until(lambda ports=ports: session_worker(proc, ports), 5, "the worker's session line")
+        assert session_worker(proc, ports) == [w], proc.text
+    await stop_front(proc)
+    assert "front at exit: 12 pipes routed (worker 1: 6, worker 2: 6), 0 refused" in proc.text, proc.text
+    for w in (1, 2):
+        assert re.search(rf"worker {w}: summary at exit: 3 connections", proc.text), proc.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_v1_lp_waits_one_hello_wait_not_two(env: Env, key_file: str) -> None:
+    # With a key and --allow-v1, silent pipes are v1 only after the hello wait:
+    # the front waits it, and the worker takes its word (no second wait).
+    proc, port = await front(env, "--key-file", key_file, "--allow-v1", "--hello-wait", "3")
+    echo = await env.server(servers.echo(env.reactor))
+    started = time.monotonic()
+    lp = await env.lp(port, 2, [echo.port])  # no key: v1, silent until a client comes
+    await env.echo_round_trip(lp, "forward", echo.port, Pattern(31).bytes(100_000))
+    elapsed = time.monotonic() - started
+    print(f"v1 LP through the front, --hello-wait 3: first echo after {elapsed:.2f} s")
+    assert elapsed < 5.5, f"{elapsed:.2f} s: the hello wait was waited twice"
+    assert len(session_worker(proc, lp_ports(lp))) == 1, proc.text
+    await stop_front(proc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_v1_lp_is_served_at_once_when_its_first_message_comes(env: Env) -> None:
+    # Without a key (v1 only), a pipe's first message classifies its silent
+    # siblings from the same address, in the front as in a single RP.
+    proc, port = await front(env, "--hello-wait", "20")
+    echo = await env.server(servers.echo(env.reactor))
+    lp = await env.lp(port, 2, [echo.port])
+    started = time.monotonic()
+    await env.echo_round_trip(lp, "forward", echo.port, Pattern(32).bytes(100_000))
+    elapsed = time.monotonic() - started
+    print(f"v1 LP through the front, --hello-wait 20: first echo after {elapsed:.2f} s")
+    assert elapsed < 10, f"{elapsed:.2f} s: the silent pipes waited for the hello wait"
+    await stop_front(proc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_started_again_and_serves_the_lp_that_redials(
+    env: Env, key_file: str, ids: Ids
+) -> None:
+    proc, port = await front(env, "--key-file", key_file)
+    echo = await env.server(servers.echo(env.reactor))
+    to_two = ids_for(2)
+    ids.next += [next(to_two), next(to_two)]  # its first session and the one after the crash
+    lp = await env.lp(port, 2, [echo.port], extra=["--key-file", key_file])
+    await env.echo_round_trip(lp, "forward", echo.port, Pattern(41).bytes(50_000))
+    first = lp.session
+    [pid] = pids(proc, 2)
+    os.kill(pid, signal.SIGKILL)
+    await within(
+        proc.when_output(rb"worker 2 \(pid %d\) killed by signal 9; starting it again in" % pid), 10, "the log"
+    )
+    await until(lambda: len(pids(proc, 2)) == 2, 10, "worker 2 to start again")
+    await until(lambda: lp.session is not None and lp.session is not first, 30, "the LP's new session")
+    await env.echo_round_trip(lp, "forward", echo.port, Pattern(42).bytes(50_000))
+    assert session_worker(proc, lp_ports(lp)) == [2], proc.text
+    assert pids(proc, 1) and len(pids(proc, 1)) == 1  # the other worker was not touched
+    await stop_front(proc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_on_the_front_lets_a_download_in_progress_finish(env: Env, key_file: str) -> None:
+    size = 8 * MiB
+    src = await env.server(servers.source(env.reactor, size, seed=7))
+    proc, port = await front(env, "--key-file", key_file, "--drain-timeout", "20")
+    lp = await env.lp(port, 2, [src.port], extra=["--key-file", key_file])
+    client = await env.open(lp, "forward", src.port)
+    client.transport.pauseProducing()  # in progress, not done
+    await until(lambda: lp.stats.bytes_from_pipes > 0, 10, "the download to start")
+    proc.transport.signalProcess("TERM")
+    await within(proc.when_output(rb"worker \d: draining: 1 connection open"), 10, "the worker to drain")
+    client.transport.resumeProducing()
+    await until(lambda: client.received == size, 30, "the download to finish")
+    assert client.data == Pattern(7).bytes(size)
+    client.transport.loseConnection()
+    status = await within(proc.ended.wait(), 30, "the front to end once its workers have")
+    assert status.exitCode == 0 or status.signal == signal.SIGTERM, proc.text
+    assert re.search(r"worker \d: drained: every connection finished", proc.text), proc.text
+    assert "front at exit:" in proc.text and "Traceback" not in proc.text, proc.text
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> rp_tap.Options:
+    config = rp_tap.Options()
+    config.parseOptions(["--pipes", "2", *argv])
+    return config
+
+
+def test_one_worker_is_the_single_process_rp() -> None:
+    config = parse()
+    assert config["workers"] == 1
+    service = rp_tap.makeService(config, MemoryReactorClock())
+    assert isinstance(service, rp_tap.RemoteProxyService)
+
+
+def test_workers_make_a_front_that_starts_them_with_the_same_options() -> None:
+    config = parse("--workers", "3", "--max-payload", "1000", "--metrics", "tcp:9300:interface=127.0.0.1")
+    front = rp_tap.makeService(config, MemoryReactorClock())
+    assert isinstance(front, FrontService) and len(front.workers) == 3
+    argv = front.workers[2].argv
+    assert argv[argv.index("tm3rp") + 1 :] == [
+        "--pipes", "2", "--workers", "3", "--max-payload", "1000", "--metrics", "tcp:9300:interface=127.0.0.1",
+        "--workers", "1", "--metrics", "tcp:9302:interface=127.0.0.1",
+    ]  # fmt: skip
+    assert rp_tap.ENVIRONMENT["TM3_WORKERS"] == "workers"
+    assert rp_tap.options_from_env({"TM3_PIPES": "2", "TM3_WORKERS": "4"})["workers"] == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--listen", "unix:/tmp/x.sock"], "--workers 2 needs a tcp: --listen, not 'unix:/tmp/x.sock'"),
+        (["--metrics", "tcp:0"], "--metrics with --workers: give a fixed port"),
+        (["--metrics", "unix:/tmp/m"], "--metrics with --workers: give a fixed port"),
+        (["--metrics", "tcp:65535"], "workers take ports 65535..65536, past 65535"),
+    ],
+)
+def test_what_a_front_cannot_do_is_a_usage_error(argv: list[str], message: str) -> None:
+    with pytest.raises(usage.UsageError) as info:
+        parse("--workers", "2", *argv)
+    assert str(info.value).startswith(message) or message in str(info.value), info.value
+
+
+def test_a_tls_listen_with_workers_is_a_usage_error(tmp_path: Path) -> None:
+    server = make_pki(tmp_path).good.server
+    listen = f"tls:0:privateKey={server.key}:certificate={server.cert}"
+    parse("--listen", listen)  # one process: fine
+    with pytest.raises(usage.UsageError, match=r"^--workers 2 needs a tcp: --listen.*TLS hides"):
+        parse("--workers", "2", "--listen", listen)
+
+
+def test_metrics_for_workers() -> None:
+    assert metrics_for_workers("tcp:9100", 2) == ["tcp:9100", "tcp:9101"]
+    assert metrics_for_workers("tcp:port=9100:interface=::1", 2) == ["tcp:9100:interface=::1", "tcp:9101:interface=::1"]

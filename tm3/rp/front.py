@@ -1,0 +1,490 @@
+"""The front of a ``--workers N`` RP: one process that accepts every pipe
+and hands it to one of N worker processes, each a whole RP without a port
+(tm3/rp/worker.py), so the sessions of many LPs use N cores.
+
+Every pipe of a set must reach the same worker, so the front routes a pipe
+by what its first bytes say (tm3/rp/routing.py), read with ``MSG_PEEK``,
+which leaves them in the socket for the worker: a v2 pipe by the session id
+in its HELLO, anything else (a v1 message, or silence for the hello wait)
+by its source address. It then passes the socket with ``SCM_RIGHTS`` and its
+verdict (``quiet``: the worker need not wait again), and closes its copy.
+
+The front never wraps an accepted socket in a Twisted transport: closing
+one shuts the connection down (``shutdown(2)``), for the worker too. It
+listens through Twisted (the ``--listen`` endpoint, its errors and the
+``listening on`` line), then accepts on that socket itself.
+
+Bounds, as a single RP has them: ``--allow-from`` at accept; at most
+``--max-pending-pipes`` pipes held (peeked at, or waiting for a worker); a
+pipe silent for ``--hello-wait`` is routed by address, one that sent part of
+a hello and no more within ``--handshake-timeout`` is closed.
+
+Workers: started at start, each with a socketpair; one that ends while the
+front runs is started again after a delay that doubles from 0.5 s up to
+30 s while it keeps dying young, each time one line in the log; the pipes
+routed to it meanwhile are closed (the LP redials). On stop (SIGTERM) the
+front stops accepting, sends SIGTERM to every worker (each drains its
+connections for up to ``--drain-timeout``), and ends once they have, or
+kills them ``STOP_MARGIN`` seconds after the drain timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorCore,
+    IReactorFDSet,
+    IReactorProcess,
+    IReactorTCP,
+    IReactorTime,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tm3.cli import cannot_start, os_reason
+from tm3.listening import ListeningService
+from tm3.logs import RateLimit, plural
+from tm3.rp.routing import PEEK_SIZE, QUIET, V1, Route, route, worker_for
+from tm3.rp.service import within
+from tm3.rp.worker import WORKER_ENV
+from tm3.tls import server_from_string
+
+#: How a worker is started: twistd, by the Python running the front, in a
+#: process group of its own: a terminal's ^C (SIGINT to its group) or a
+#: signal to the front's group reaches the front, which stops the workers,
+#: and not each worker a second time.
+TWISTD = "import os; os.setpgid(0, 0); from twisted.scripts.twistd import run; run()"
+#: The descriptor the worker finds the front's socket on.
+CHILD_FD = 3
+#: Restart delays: doubled from FIRST up to MOST while a worker keeps
+#: ending within YOUNG seconds of its start.
+RESTART_FIRST = 0.5
+RESTART_MOST = 30.0
+RESTART_YOUNG = 30.0
+#: On stop: how long past --drain-timeout the workers have to end.
+STOP_MARGIN = 10.0
+#: Accepts per reactor turn.
+ACCEPT_BATCH = 64
+
+
+class IFrontReactor(IReactorTime, IReactorCore, IReactorTCP, IReactorFDSet, IReactorProcess):
+    pass
+
+
+class FrontService(MultiService):
+    """Accepts pipes on ``listen`` and routes each to one of ``workers``
+    worker processes, started with ``worker_argv`` (tm3rp options) each."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        listen: str,
+        workers: int,
+        worker_argv: Sequence[str],
+        worker_metrics: Sequence[str] = (),
+        allow_from: Sequence[Any] = (),
+        max_pending: int = 256,
+        hello_wait: float = 1.0,
+        handshake_timeout: float = 10.0,
+        v1_only: bool = True,
+        drain_timeout: float = 10.0,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.setName("tm3rp front")
+        self.reactor = cast(IFrontReactor, reactor)
+        self.listen = listen
+        self.allow_from = tuple(allow_from)
+        self.max_pending = max_pending
+        self.hello_wait = hello_wait
+        self.handshake_timeout = handshake_timeout
+        self.v1_only = v1_only
+        self.drain_timeout = drain_timeout
+        unused = Factory()  # Twisted only listens; _Acceptor accepts
+        unused.noisy = False
+        self.listener = ListeningService(
+            server_from_string(reactor, listen), unused, f"TM3 pipes, routed to {plural(workers, 'worker')}"
+        )
+        self.listener.setServiceParent(self)
+        environ = os.environ if environ is None else environ
+        metrics = [["--metrics", m] for m in worker_metrics] or [[]] * workers
+        self.workers = [WorkerProcess(self, i + 1, [*worker_argv, *metrics[i]], environ) for i in range(workers)]
+        self.peeking: dict[int, _Peek] = {}  # by file descriptor
+        self.routed = [0] * workers
+        self.refused = 0
+        self._acceptor: _Acceptor | None = None
+        self._refusals = RateLimit()
+        self.stopping = False
+
+    # -- start and stop -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            cannot_start("tm3rp", f"cannot listen on {self.listen}: {os_reason(e.socketError)}")
+        port = self.listener.port
+        listening = getattr(port, "socket", None)
+        if not isinstance(listening, socket.socket):
+            raise RuntimeError(f"--workers: {self.listen} is not a TCP port")
+        # Twisted listened; from here on we accept, and Twisted does not.
+        port.stopReading()  # type: ignore[union-attr]
+        self._acceptor = _Acceptor(self, listening)
+        self.reactor.addReader(self._acceptor)
+        for worker in self.workers:
+            worker.start()
+
+    def stopService(self) -> Deferred[None]:
+        self.stopping = True
+        if self._acceptor is not None:
+            self.reactor.removeReader(self._acceptor)
+            self._acceptor = None
+        for peek in list(self.peeking.values()):
+            self._drop(peek)
+        listening = super().stopService()
+        ended = [w.stop(self.drain_timeout + STOP_MARGIN) for w in self.workers]
+        done = DeferredList([listening, *ended], consumeErrors=True)
+        return done.addCallback(lambda _: self._said_at_exit())
+
+    def _said_at_exit(self) -> None:
+        self.log.info(
+            "front at exit: {routed} routed ({each}), {refused} refused",
+            routed=plural(sum(self.routed), "pipe"),
+            each=", ".join(f"worker {i + 1}: {n}" for i, n in enumerate(self.routed)),
+            refused=self.refused,
+            routed_by_worker=self.routed,
+        )
+
+    # -- pipes ----------------------------------------------------------------------------
+
+    def held(self) -> int:
+        return len(self.peeking) + sum(len(w.queue) for w in self.workers)
+
+    def accepted(self, sock: socket.socket, host: str) -> None:
+        if self.allow_from and not within(host, self.allow_from):
+            self._refuse(sock, "pipe from {host} refused: not in --allow-from", host=host)
+            return
+        if self.held() >= self.max_pending:
+            self._refuse(
+                sock,
+                "pipe from {host} refused: {n} pipes already wait for their sets (--max-pending-pipes)",
+                host=host,
+                n=self.max_pending,
+            )
+            return
+        peek = _Peek(self, sock, host)
+        self.peeking[peek.fd] = peek
+        peek.timer = self.reactor.callLater(self.hello_wait, self._waited, peek)
+        self.reactor.addReader(peek)
+
+    def _refuse(self, sock: socket.socket, text: str, **fields: object) -> None:
+        sock.close()
+        self.refused += 1
+        if self._refusals.allow():
+            self.log.warn(text, suppressed=self._refusals.take_suppressed(), **fields)
+
+    def peeked(self, peek: _Peek, data: bytes) -> None:
+        if not data or data == peek.peeked:  # closed (or reset) before it said enough
+            self._drop(peek)
+            return
+        peek.peeked = data
+        decided = route(data, peek.host)
+        if decided is None:
+            # The peeked bytes stay readable: be woken by the next byte, not every turn.
+            peek.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+            peek.lowered = True
+            return
+        self._route(peek, decided)
+        if decided.verdict == V1 and self.v1_only:
+            # As a single RP does (tm3/rp/admission.py): the silent pipes from
+            # the same address are the same v1 LP's idle ones.
+            for other in [p for p in self.peeking.values() if p.host == peek.host and not p.peeked]:
+                self._route(other, Route(QUIET, decided.key))
+
+    def _waited(self, peek: _Peek) -> None:
+        peek.timer = None
+        decided = route(peek.peeked, peek.host, waited=True)
+        if decided is not None:
+            self._route(peek, decided)
+        elif not peek.late:  # part of a hello: it has the handshake's time
+            peek.late = True
+            peek.timer = self.reactor.callLater(self.handshake_timeout - self.hello_wait, self._waited, peek)
+        else:
+            self._drop(peek)
+            self.refused += 1
+            self.log.warn(
+                "pipe from {host} refused: it sent part of a v2 hello and no more within {t:g} s",
+                host=peek.host,
+                t=self.handshake_timeout,
+            )
+
+    def _route(self, peek: _Peek, decided: Route) -> None:
+        self._forget(peek)
+        if peek.lowered:
+            peek.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        index = worker_for(decided.key, len(self.workers))
+        self.routed[index] += 1
+        self.workers[index].send(decided.verdict, peek.sock)
+
+    def _forget(self, peek: _Peek) -> None:
+        self.peeking.pop(peek.fd, None)
+        self.reactor.removeReader(peek)
+        if peek.timer is not None and peek.timer.active():
+            peek.timer.cancel()
+        peek.timer = None
+
+    def _drop(self, peek: _Peek) -> None:
+        self._forget(peek)
+        peek.sock.close()
+
+
+@implementer(IReadDescriptor)
+class _Acceptor:
+    """Accepts on the listening socket Twisted bound."""
+
+    log = Logger()
+
+    def __init__(self, front: FrontService, listening: socket.socket) -> None:
+        self.front = front
+        self.listening = listening
+
+    def fileno(self) -> int:
+        return self.listening.fileno()
+
+    def doRead(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self.listening.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:  # EMFILE and the like: try again next turn
+                self.log.warn("accept failed: {why}", why=os_reason(e))
+                return
+            sock.setblocking(False)
+            self.front.accepted(sock, str(address[0]))
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "front"
+
+
+@implementer(IReadDescriptor)
+class _Peek:
+    """An accepted pipe whose first bytes the front waits for."""
+
+    def __init__(self, front: FrontService, sock: socket.socket, host: str) -> None:
+        self.front = front
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host = host
+        self.peeked = b""
+        self.lowered = False  # SO_RCVLOWAT raised
+        self.late = False  # past the hello wait, with part of a hello
+        self.timer: IDelayedCall | None = None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        try:
+            data = self.sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.front.peeked(self, data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "front"
+
+
+class WorkerProcess(ProcessProtocol):
+    """Worker ``index`` (1..N): its process, restarted when it ends while
+    the front runs, and the socket the front passes its pipes on."""
+
+    log = Logger()
+
+    def __init__(self, front: FrontService, index: int, argv: Sequence[str], environ: Mapping[str, str]) -> None:
+        self.front = front
+        self.reactor = front.reactor
+        self.index = index
+        self.argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "tm3rp", *argv]
+        self.environ = dict(environ)
+        self.channel: socket.socket | None = None
+        self.queue: deque[tuple[str, socket.socket]] = deque()  # waiting for room on the channel
+        self._writer = _ChannelWriter(self)
+        self._writing = False
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.delay = RESTART_FIRST
+        self._restart: IDelayedCall | None = None
+        self._ended: Deferred[None] | None = None
+        self.stopping = False
+        self.restarts = 0
+        self._closed_pipes = RateLimit()
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}"
+
+    def start(self) -> None:
+        self._restart = None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**self.environ, WORKER_ENV: f"{self.index}:{CHILD_FD}"}
+        try:
+            transport = self.reactor.spawnProcess(
+                self, self.argv[0], self.argv, env=env, childFDs={0: 0, 1: 1, 2: 2, CHILD_FD: theirs.fileno()}
+            )
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        self.channel = mine
+        self.pid = transport.pid
+        self.started_at = self.reactor.seconds()
+        self._ended = Deferred()
+        self.log.info("{worker} started (pid {pid})", worker=self.name, pid=self.pid)
+
+    def send(self, verdict: str, sock: socket.socket) -> None:
+        if self.channel is None:
+            self._closed(sock, "is not running")
+            return
+        self.queue.append((verdict, sock))
+        self.flush()
+
+    def flush(self) -> None:
+        while self.queue and self.channel is not None:
+            verdict, sock = self.queue[0]
+            try:
+                socket.send_fds(self.channel, [verdict.encode()], [sock.fileno()])
+            except BlockingIOError:
+                break
+            except OSError:  # the worker is gone; processEnded follows
+                self._close_channel()
+                return
+            self.queue.popleft()
+            sock.close()  # the worker has its own now
+        want = bool(self.queue) and self.channel is not None
+        if want != self._writing:
+            self._writing = want
+            (self.reactor.addWriter if want else self.reactor.removeWriter)(self._writer)
+
+    def _closed(self, sock: socket.socket, why: str) -> None:
+        sock.close()
+        if self._closed_pipes.allow():
+            self.log.warn(
+                "pipe closed: {worker} {why} (the LP redials)",
+                worker=self.name,
+                why=why,
+                suppressed=self._closed_pipes.take_suppressed(),
+            )
+
+    def _close_channel(self) -> None:
+        if self._writing:
+            self._writing = False
+            self.reactor.removeWriter(self._writer)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        while self.queue:
+            self._closed(self.queue.popleft()[1], "ended")
+
+    def processEnded(self, reason: Failure) -> None:
+        self._close_channel()
+        status = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = f"killed by signal {sig}" if sig is not None else f"exited with status {status}"
+        ended, self._ended = self._ended, None
+        pid, self.pid = self.pid, None
+        if self.stopping or self.front.stopping:
+            self.log.info("{worker} (pid {pid}) {how}", worker=self.name, pid=pid, how=how)
+        else:
+            if self.reactor.seconds() - self.started_at >= RESTART_YOUNG:
+                self.delay = RESTART_FIRST
+            self.log.warn(
+                "{worker} (pid {pid}) {how}; starting it again in {delay:g} s",
+                worker=self.name,
+                pid=pid,
+                how=how,
+                delay=self.delay,
+            )
+            self.restarts += 1
+            self._restart = self.reactor.callLater(self.delay, self.start)
+            self.delay = min(self.delay * 2, RESTART_MOST)
+        if ended is not None:
+            ended.callback(None)
+
+    def stop(self, timeout: float) -> Deferred[None]:
+        """SIGTERM, and SIGKILL if it has not ended ``timeout`` seconds later."""
+        self.stopping = True
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        self._restart = None
+        ended = self._ended
+        if ended is None or self.transport is None:
+            return succeed(None)
+        self.transport.signalProcess("TERM")
+        kill = self.reactor.callLater(timeout, self._kill)
+
+        def over(result: None) -> None:
+            if kill.active():
+                kill.cancel()
+
+        ended.addCallback(over)
+        return ended
+
+    def _kill(self) -> None:
+        if self.transport is not None and self.pid is not None:
+            self.log.warn("{worker} (pid {pid}) did not end in time: killed", worker=self.name, pid=self.pid)
+            self.transport.signalProcess("KILL")
+
+
+@implementer(IWriteDescriptor)
+class _ChannelWriter:
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+
+    def fileno(self) -> int:
+        channel = self.worker.channel
+        return channel.fileno() if channel is not None else -1
+
+    def doWrite(self) -> None:
+        self.worker.flush()
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return self.worker.name
+
+
+def metrics_for_workers(description: str, workers: int) -> list[str]:
+    """``--metrics tcp:PORT[:...]`` for each worker: worker i on PORT+i-1."""
+    m = re.fullmatch(r"(tcp6?:)(?:port=)?(\d+)((?::.*)?)", description)
+    if m is None or int(m.group(2)) == 0:
+        raise ValueError(f"give a fixed port, as tcp:PORT[:interface=ADDR], not {description!r}")
+    first = int(m.group(2))
+    if first + workers - 1 > 65535:
+        raise ValueError(f"workers take ports {first}..{first + workers - 1}, past 65535")
+    return [f"{m.group(1)}{first + i}{m.group(3)}" for i in range(workers)]
