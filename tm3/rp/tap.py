@@ -40,7 +40,7 @@ from tm3.reactor import IProxyReactor, default_reactor
 from tm3.rp.admission import HANDSHAKE_TIMEOUT, HELLO_WAIT
 from tm3.rp.front import FrontService, metrics_for_workers
 from tm3.rp.service import DEFAULT_MAX_PENDING, DEFAULT_MAX_PER_ADDRESS, Multiplexer, PipeFactory, is_local_address
-from tm3.rp.worker import PipeReceiver, WorkerRole, worker_from_env
+from tm3.rp.worker import PipeReceiver, StopOnce, WorkerRole, worker_from_env
 from tm3.summary import SummaryService
 from tm3.tls import server_from_string
 
@@ -235,7 +235,9 @@ class RemoteProxyService(MultiService):
             self.listener.setServiceParent(self)
         else:
             assert IReactorFDSet.providedBy(reactor)
-            self.receiver = PipeReceiver(reactor, role.fd, self._adopt, reactor.stop)
+            stop = StopOnce(reactor)
+            reactor.callWhenRunning(stop.install)
+            self.receiver = PipeReceiver(reactor, role.fd, self._adopt, stop)
             self.receiver.setServiceParent(self)
         stats, sessions = self.multiplexer.stats, self.multiplexer.sessions.by_key.values
         if config["metrics"] is not None:

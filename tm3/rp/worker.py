@@ -18,8 +18,10 @@ the worker stops as on SIGTERM: it takes no new connections and drains.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -145,3 +147,25 @@ class _Reader:
 
     def logPrefix(self) -> str:
         return "PipeReceiver"
+
+
+class StopOnce:
+    """Stops the reactor the first time it is called, and ignores the rest.
+
+    A worker is told to stop by its front (SIGTERM), by the front's end (its
+    socket closes), and, under systemd's default ``KillMode=control-group``,
+    by systemd's own SIGTERM as well; twistd's handler would call
+    ``reactor.stop()`` again, which raises. :meth:`install` (once the reactor
+    runs: it installs its own handlers as it starts) puts this in its place."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.asked = False
+
+    def __call__(self) -> None:
+        if not self.asked:
+            self.asked = True
+            self.reactor.stop()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.reactor.callFromThread(self))
