@@ -480,9 +480,9 @@ def bulk(servers: Servers, port: int, way: str, size: int) -> float:
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(port: int, connections: int, seconds: float, close: bool) -> dict[str, float]:
+def wrk(port: int, connections: int, seconds: float, close: bool, threads: int = 2) -> dict[str, float]:
     """requests/s, p50 and p99 (ms), and errors from ``wrk --latency``."""
-    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "5s"]
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
     out = subprocess.run(
