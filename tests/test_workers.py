@@ -27,7 +27,7 @@ from tests.support.certs import make_pki
 from tests.support.env import Env
 from tests.support.pattern import Pattern
 from tests.support.ports import HOST
-from tests.support.processes import LISTENING, TWISTD, Proc
+from tests.support.processes import LISTENING, REPO_ROOT, TWISTD, Proc
 from tests.support.proxies import LP
 from tests.support.waiting import until, within
 from tm3.core.handshake import Hello
@@ -258,6 +258,20 @@ async def test_sigterm_on_the_front_lets_a_download_in_progress_finish(env: Env,
     assert status.exitCode == 0 or status.signal == signal.SIGTERM, proc.text
     assert re.search(r"worker \d: drained: every connection finished", proc.text), proc.text
     assert "front at exit:" in proc.text and "Traceback" not in proc.text, proc.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tac_starts_a_front_from_tm3_workers(env: Env) -> None:
+    proc = env.spawn(
+        [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "tm3rp.tac")],
+        {"TM3_PIPES": "2", "TM3_LISTEN": f"tcp:0:interface={HOST}", "TM3_WORKERS": "2", "TM3_ALLOW_TO": HOST},
+    )
+    match = await within(proc.when_output(LISTENING), 30, "the front to listen")
+    await within(proc.when_output(rb"worker 2: taking pipes from the front"), 20, "worker 2 to start")
+    echo = await env.server(servers.echo(env.reactor))
+    lp = await env.lp(int(match.group(1)), 2, [echo.port])
+    await env.echo_round_trip(lp, "forward", echo.port, Pattern(51).bytes(10_000))
+    await stop_front(proc)
 
 
 # -- options ---------------------------------------------------------------------------------
