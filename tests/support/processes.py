@@ -71,14 +71,14 @@ class Proc(ProcessProtocol):
     errReceived = outReceived
 
     def _check(self) -> None:
-        keep = []
-        for rx, ev in self._patterns:
-            m = rx.search(self.output)
-            if m:
-                ev.fire(m)
-            else:
-                keep.append((rx, ev))
-        self._patterns = keep
+        # Firing runs the waiter at once, which may call when_output (and so
+        # this) again: take each pattern out before firing it, and keep the
+        # ones added meanwhile.
+        for entry in list(self._patterns):
+            m = entry[0].search(self.output)
+            if m and entry in self._patterns:
+                self._patterns.remove(entry)
+                entry[1].fire(m)
 
     def when_output(self, regex: bytes) -> defer.Deferred[Any]:
         """Fires with the match once the output (stdout and stderr) matches."""
