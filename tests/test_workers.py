@@ -13,6 +13,7 @@ import collections
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,24 @@ async def test_sigterm_on_the_front_lets_a_download_in_progress_finish(env: Env,
     assert status.exitCode == 0 or status.signal == signal.SIGTERM, proc.text
     assert re.search(r"worker \d: drained: every connection finished", proc.text), proc.text
     assert "front at exit:" in proc.text and "Traceback" not in proc.text, proc.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_front_bounds_the_unrouted_pipes_from_one_address(env: Env) -> None:
+    proc, port = await front(env, "--hello-wait", "30", "--max-pending-per-address", "2")
+    silent = [socket.create_connection((HOST, port)) for _ in range(3)]
+    try:
+        await within(
+            proc.when_output(rb"pipe from 127\.0\.0\.1 refused: 2 pipes from it already wait to be routed"),
+            10,
+            "the third silent pipe to be refused",
+        )
+        silent[2].settimeout(5)
+        assert silent[2].recv(1) == b""  # closed by the front
+    finally:
+        for s in silent:
+            s.close()
+    await stop_front(proc)
 
 
 @pytest_twisted.ensureDeferred

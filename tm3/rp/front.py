@@ -15,7 +15,8 @@ listens through Twisted (the ``--listen`` endpoint, its errors and the
 ``listening on`` line), then accepts on that socket itself.
 
 Bounds, as a single RP has them: ``--allow-from`` at accept; at most
-``--max-pending-pipes`` pipes held (peeked at, or waiting for a worker); a
+``--max-pending-pipes`` pipes held (peeked at, or waiting for a worker), and
+of those being peeked at, ``--max-pending-per-address`` from one address; a
 pipe silent for ``--hello-wait`` is routed by address, one that sent part of
 a hello and no more within ``--handshake-timeout`` is closed.
 
@@ -57,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tm3.cli import cannot_start, os_reason
+from tm3.fdlimit import raise_soft_limit
 from tm3.listening import ListeningService
 from tm3.logs import RateLimit, plural
 from tm3.rp.routing import PEEK_SIZE, QUIET, V1, Route, route, worker_for
@@ -80,6 +82,8 @@ RESTART_YOUNG = 30.0
 STOP_MARGIN = 10.0
 #: Accepts per reactor turn.
 ACCEPT_BATCH = 64
+#: After accept() failed (EMFILE): how long to leave the listening socket alone.
+ACCEPT_PAUSE = 1.0
 
 
 class IFrontReactor(IReactorTime, IReactorCore, IReactorTCP, IReactorFDSet, IReactorProcess):
@@ -101,6 +105,7 @@ class FrontService(MultiService):
         worker_metrics: Sequence[str] = (),
         allow_from: Sequence[Any] = (),
         max_pending: int = 256,
+        max_per_address: int = 0,
         hello_wait: float = 1.0,
         handshake_timeout: float = 10.0,
         v1_only: bool = True,
@@ -113,6 +118,7 @@ class FrontService(MultiService):
         self.listen = listen
         self.allow_from = tuple(allow_from)
         self.max_pending = max_pending
+        self.max_per_address = max_per_address  # 0: no cap of its own
         self.hello_wait = hello_wait
         self.handshake_timeout = handshake_timeout
         self.v1_only = v1_only
@@ -148,6 +154,7 @@ class FrontService(MultiService):
         port.stopReading()  # type: ignore[union-attr]
         self._acceptor = _Acceptor(self, listening)
         self.reactor.addReader(self._acceptor)
+        raise_soft_limit()  # as a single RP does (tm3/fdlimit.py); the workers inherit it
         for worker in self.workers:
             worker.start()
 
@@ -174,12 +181,39 @@ class FrontService(MultiService):
 
     # -- pipes ----------------------------------------------------------------------------
 
+    def accept_failed(self, error: OSError) -> None:
+        """The listening socket stays readable while accept() fails (out of
+        descriptors): leave it alone for a second rather than spin."""
+        if self._acceptor is None:
+            return
+        if self._refusals.allow():
+            self.log.warn(
+                "accept failed: {why}; not accepting for {t:g} s",
+                why=os_reason(error),
+                t=ACCEPT_PAUSE,
+                suppressed=self._refusals.take_suppressed(),
+            )
+        self.reactor.removeReader(self._acceptor)
+        self.reactor.callLater(ACCEPT_PAUSE, self._accept_again, self._acceptor)
+
+    def _accept_again(self, acceptor: _Acceptor) -> None:
+        if self._acceptor is acceptor:
+            self.reactor.addReader(acceptor)
+
     def held(self) -> int:
         return len(self.peeking) + sum(len(w.queue) for w in self.workers)
 
     def accepted(self, sock: socket.socket, host: str) -> None:
         if self.allow_from and not within(host, self.allow_from):
             self._refuse(sock, "pipe from {host} refused: not in --allow-from", host=host)
+            return
+        if self.max_per_address and sum(p.host == host for p in self.peeking.values()) >= self.max_per_address:
+            self._refuse(
+                sock,
+                "pipe from {host} refused: {n} pipes from it already wait to be routed (--max-pending-per-address)",
+                host=host,
+                n=self.max_per_address,
+            )
             return
         if self.held() >= self.max_pending:
             self._refuse(
@@ -274,8 +308,8 @@ class _Acceptor:
                 sock, address = self.listening.accept()
             except BlockingIOError:
                 return
-            except OSError as e:  # EMFILE and the like: try again next turn
-                self.log.warn("accept failed: {why}", why=os_reason(e))
+            except OSError as e:  # EMFILE and the like
+                self.front.accept_failed(e)
                 return
             sock.setblocking(False)
             self.front.accepted(sock, str(address[0]))

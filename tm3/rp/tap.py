@@ -188,7 +188,7 @@ class Options(ProxyOptions):
         if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
             raise usage.UsageError(
                 f"--workers {self['workers']} needs a tcp: --listen, not {self['listen']!r}: the front routes "
-                "a pipe by its first bytes, which TLS hides (run --workers 1 for TLS pipes)"
+                "a pipe by its first bytes, which TLS hides and a PROXY header precedes (run --workers 1)"
             )
         if self["metrics"] is not None:
             try:
@@ -290,6 +290,7 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> MultiS
             worker_metrics=config["worker-metrics"],
             allow_from=config["allow-from"],
             max_pending=config["max-pending-pipes"],
+            max_per_address=config["max-pending-per-address"],
             hello_wait=config["hello-wait"],
             handshake_timeout=config["handshake-timeout"],
             v1_only=config["key"] is None,
