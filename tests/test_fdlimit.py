@@ -39,6 +39,11 @@ def test_full_at_the_ceiling_and_room_again_below_95_percent() -> None:
     assert c.update(96) is None
 
 
+def test_a_ceiling_of_one_still_resumes() -> None:
+    c = FdCeiling(1)
+    assert c.update(1) == "full" and c.update(0) == "room"
+
+
 def test_open_fds_counts_a_new_socket() -> None:
     before = open_fds()
     with socket.socket():
@@ -146,3 +151,26 @@ async def test_the_rp_refuses_connections_at_its_ceiling_and_keeps_its_pipes(env
     await until(lambda: rp.output.count(b"ended: fin") >= 5, 10, "the RP to see them end")
     again = await env.connect(port)
     assert await echoes(again, b"room again")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_rp_counts_its_server_sockets_and_pipes_exactly(env: Env) -> None:
+    """What the RP's ceiling is checked against: server sockets from the
+    connect until the socket closes (a failed connect included) and the
+    sessions' pipes."""
+    echo = await env.server(servers.echo(env.reactor))
+    rp = await env.rp(3)
+    lp = await env.lp(rp.port, 3, forward=[echo.port, env.closed_port()])
+    mux = rp.service.multiplexer
+    await until(lambda: mux.sessions.pipes_open == 3, 5, "the RP's session")
+    clients = [await env.connect(lp.forward_ports[0]) for _ in range(5)]
+    for c in clients:
+        assert await echoes(c, b"x")
+    assert mux.server_sockets.n == 5
+    failed = await env.connect(lp.forward_ports[1])
+    assert was_reset(await within(failed.lost.wait(), 10, "the failed connect's reset"))
+    for c in clients:
+        c.transport.loseConnection()
+    await until(lambda: mux.server_sockets.n == 0, 10, "every server socket to close")
+    await lp.stop()
+    await until(lambda: mux.sessions.pipes_open == 0, 5, "the session's end")

@@ -230,6 +230,26 @@ def test_lookups_under_way_count_against_the_client_sockets_ceiling() -> None:
     assert lp.accepting
 
 
+def test_a_lookup_its_clients_gave_up_on_holds_its_place_until_it_ends() -> None:
+    lp = LP(n=1, mode="socks")
+    lp.up()
+    lookup = FakeLookup()
+    lp.proxy.resolver = Resolver(lp.reactor, lookup, timeout=2)
+    lp.proxy.fd_ceiling = FdCeiling(3)
+    clients = [lp.accept() for _ in range(2)]
+    for (client, _), name in zip(clients, ("a.test", "b.test"), strict=True):
+        client.dataReceived(socks_name_request(name))
+    assert not lp.accepting
+    lp.reactor.advance(2)  # both clients get 0x04 and go; both lookups go on
+    for client, transport in clients:
+        assert transport.value().endswith(reply(HOST_UNREACHABLE))
+        LP.closed(client)
+    assert lp.proxy.clients == 0 and len(lp.proxy.resolver.in_flight) == 2
+    assert not lp.accepting
+    lookup.pending["a.test"].errback(ResolveError("no such name"))
+    assert lp.accepting
+
+
 # -- --resolver system: bounded threads, shared lookups -----------------------------------------
 
 

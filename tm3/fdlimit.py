@@ -32,6 +32,9 @@ from attrs import define
 DEFAULT_FD_RESERVE = 64
 #: Accepting resumes once the sockets in use fall below this share of the ceiling.
 RESUME_AT = 0.95
+#: A ceiling below this is logged as a warning: the limit leaves little room
+#: (raise LimitNOFILE / ulimit -n, or lower --pipes, --max-pending-pipes or --fd-reserve).
+LOW_CEILING = 100
 
 
 def raise_soft_limit() -> tuple[int, int]:
@@ -69,6 +72,14 @@ def start_ceiling(reserve: int, pipes: int) -> tuple[FdCeiling, str]:
 
 
 @define
+class SocketCount:
+    """Sockets of one kind open now (the RP's server sockets: one from the
+    connect until the connect fails or the connection is lost)."""
+
+    n: int = 0
+
+
+@define
 class FdCeiling:
     """The sockets a proxy may open for clients or servers, and whether it
     stopped taking new ones: :meth:`update` with the count in use says when
@@ -92,7 +103,7 @@ class FdCeiling:
         if not self.full and in_use >= self.ceiling:
             self.full = True
             return "full"
-        if self.full and in_use < int(self.ceiling * RESUME_AT):
+        if self.full and in_use < max(1, int(self.ceiling * RESUME_AT)):
             self.full = False
             return "room"
         return None

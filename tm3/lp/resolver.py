@@ -244,6 +244,9 @@ class Resolver:
         self.busy = busy
         self.in_flight: InFlight[Deferred[str]] = InFlight(capacity)
         self._timers: dict[Deferred[str], IDelayedCall] = {}
+        # Told when a lookup ends and frees its slot (a DNS lookup's UDP
+        # socket: the LP's fd ceiling counts lookups under way).
+        self.on_settled: Callable[[], object] | None = None
 
     def start(self) -> None:
         self.lookup.start()
@@ -280,6 +283,8 @@ class Resolver:
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+        if self.on_settled is not None:
+            self.on_settled()
 
     def _expire(self, key: str, waiter: Deferred[str]) -> None:
         del self._timers[waiter]

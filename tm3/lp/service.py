@@ -19,12 +19,12 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from tm3.cli import cannot_start, os_reason
 from tm3.core.addresses import ipv4_literal
 from tm3.core.ids import IdsExhausted
-from tm3.fdlimit import FdCeiling, soft_limit, start_ceiling
+from tm3.fdlimit import LOW_CEILING, FdCeiling, soft_limit, start_ceiling
 from tm3.listening import ListeningService
 from tm3.logs import plural
 from tm3.lp.clients import NoRoute
@@ -141,7 +141,12 @@ class LocalProxy(MultiService):
             cannot_start("tm3lp", f"cannot listen on {where}: {os_reason(e.socketError)}")
         # Room for two sets of pipes: a new set may dial while the old closes.
         self.fd_ceiling, limits = start_ceiling(self.sessions.settings.fd_reserve, 2 * self.dialer.n)
-        self.log.info("room for {ceiling} client sockets ({limits})", ceiling=self.fd_ceiling.ceiling, limits=limits)
+        self.log.emit(
+            LogLevel.warn if self.fd_ceiling.ceiling < LOW_CEILING else LogLevel.info,
+            "room for {ceiling} client sockets ({limits})",
+            ceiling=self.fd_ceiling.ceiling,
+            limits=limits,
+        )
         self._set_accepting(False)
         self.resolver.start()
         self.dialer.start()
@@ -158,16 +163,13 @@ class LocalProxy(MultiService):
 
     def resolve(self, name: str) -> Deferred[str]:
         """``name``'s IPv4 address from :attr:`resolver`. A DNS lookup holds a
-        UDP socket while it is under way: lookups count against the client
-        sockets' ceiling, checked again when each ends."""
+        UDP socket while it is under way, even once its clients gave up:
+        lookups count against the client sockets' ceiling, checked again
+        when each ends (``Resolver.on_settled``)."""
+        self.resolver.on_settled = self._check_fds
         d = self.resolver.resolve(name)
         self._check_fds()
-
-        def ended(result: Any) -> Any:
-            self._check_fds()
-            return result
-
-        return d.addBoth(ended)
+        return d
 
     def client_opened(self) -> None:
         self.clients += 1

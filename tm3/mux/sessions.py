@@ -53,6 +53,7 @@ class Sessions:
         self.on_up = on_up
         self.on_down = on_down
         self._count = 0
+        self.pipes_open = 0  # the pipes of the sessions in by_key (for the fd ceiling)
 
     @property
     def current(self) -> Session | None:
@@ -89,6 +90,7 @@ class Sessions:
             self._starting = False
         if not session.ended:
             self.by_key[key] = session
+            self.pipes_open += len(pipes)
             if self.on_up is not None:
                 self.on_up(session)
         return session
@@ -97,6 +99,7 @@ class Sessions:
         for key, live in self.by_key.items():
             if live is session:
                 del self.by_key[key]
+                self.pipes_open -= len(session.pipes.pipes)
                 break
         else:
             if not self._starting:

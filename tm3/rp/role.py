@@ -24,7 +24,7 @@ from typing import Any
 
 from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IConnector, IDelayedCall
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,7 +33,7 @@ from tm3.core.destinations import DestinationPolicy
 from tm3.core.lifecycle import Event, State
 from tm3.core.reorder import ReorderError
 from tm3.core.wire import REASON_RST, Fin, Message, ProtocolError, Syn, encode
-from tm3.fdlimit import soft_limit
+from tm3.fdlimit import SocketCount, soft_limit
 from tm3.logs import RateLimit
 from tm3.mux.connection import Connection
 from tm3.mux.role import IRole
@@ -48,6 +48,12 @@ _FD_LINES = RateLimit(10.0)
 class ServerConnection(StreamProtocol):
     """The RP's TCP connection to a server, for one connection id."""
 
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        factory = self.factory
+        if isinstance(factory, ServerConnectionFactory):
+            factory.socket_closed()
+        super().connectionLost(reason)
+
 
 class ServerConnectionFactory(ClientFactory):
     noisy = False  # one per connection: the end-of-connection line says enough
@@ -56,6 +62,7 @@ class ServerConnectionFactory(ClientFactory):
         self.session = session
         self.role = role
         self.conn = conn
+        self.counted = True  # in role.sockets from the connect until the socket closes
 
     def buildProtocol(self, addr: Any) -> ServerConnection:
         proto = ServerConnection()
@@ -64,7 +71,13 @@ class ServerConnectionFactory(ClientFactory):
         return proto
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.socket_closed()
         self.role.connect_failed(self.conn, reason)
+
+    def socket_closed(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.role.sockets.n -= 1
 
 
 @implementer(IRole)
@@ -77,9 +90,11 @@ class RemoteRole:
         session: Session,
         destinations: DestinationPolicy | None = None,
         has_fd_room: Callable[[], bool] = lambda: True,
+        sockets: SocketCount | None = None,
     ) -> None:
         self.session = session
         self.has_fd_room = has_fd_room
+        self.sockets = sockets if sockets is not None else SocketCount()  # server sockets open, all sessions
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.reactor = session.reactor
         self.settings = session.settings
@@ -225,6 +240,7 @@ class RemoteRole:
 
     def connect(self, conn: Connection) -> None:
         factory = ServerConnectionFactory(self.session, self, conn)
+        self.sockets.n += 1
         self.connectors[conn] = self.reactor.connectTCP(
             conn.host, conn.port, factory, timeout=self.settings.connect_timeout
         )

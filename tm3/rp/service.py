@@ -17,12 +17,12 @@ from typing import Any, cast
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorSocket
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from tm3.core.credit import DEFAULT_INITIAL_WINDOW
 from tm3.core.destinations import DestinationPolicy
 from tm3.core.handshake import Hello
-from tm3.fdlimit import FdCeiling, start_ceiling
+from tm3.fdlimit import LOW_CEILING, FdCeiling, SocketCount, start_ceiling
 from tm3.logs import plural
 from tm3.mux.flow import abort_transport
 from tm3.mux.pipes import PENDING_TIMEOUT, PipeGathering, PipeProtocol
@@ -48,7 +48,10 @@ class Multiplexer(Service):
     ) -> None:
         self.settings = settings
         self.destinations = destinations if destinations is not None else DestinationPolicy()
-        role = functools.partial(RemoteRole, destinations=self.destinations, has_fd_room=self.has_fd_room)
+        self.server_sockets = SocketCount()
+        role = functools.partial(
+            RemoteRole, destinations=self.destinations, has_fd_room=self.has_fd_room, sockets=self.server_sockets
+        )
         self.sessions = Sessions(reactor, settings, role, on_up=self._up)
         self.stats = self.sessions.stats
         self.fd_ceiling: FdCeiling | None = None  # set by watch_fds once listening
@@ -72,22 +75,19 @@ class Multiplexer(Service):
         for their sets and --fd-reserve (tm3/fdlimit.py); the sessions' own
         pipes are counted as they come."""
         self.fd_ceiling, limits = start_ceiling(self.settings.fd_reserve, pending_pipes)
-        self.log.info(
-            "room for {ceiling} server sockets and pipes ({limits})", ceiling=self.fd_ceiling.ceiling, limits=limits
+        self.log.emit(
+            LogLevel.warn if self.fd_ceiling.ceiling < LOW_CEILING else LogLevel.info,
+            "room for {ceiling} server sockets and pipes ({limits})",
+            ceiling=self.fd_ceiling.ceiling,
+            limits=limits,
         )
 
     def has_fd_room(self) -> bool:
-        """Whether the server socket of the connection just opened (counted
-        already, with no socket yet) fits under the ceiling."""
+        """Whether one more server socket fits under the ceiling, beside the
+        server sockets open (connecting, connected, or over but still
+        writing their last bytes) and the sessions' pipes."""
         ceiling = self.fd_ceiling
-        if ceiling is None:
-            return True
-        stats = self.stats
-        in_use = stats.connections_opened - stats.connections_closed - 1
-        sessions = self.sessions.by_key.values()
-        if in_use + len(sessions) < ceiling.ceiling // 2:
-            return True  # far from it: no need to count the pipes
-        return ceiling.has_room(in_use + sum(len(s.pipes.pipes) for s in sessions))
+        return ceiling is None or ceiling.has_room(self.server_sockets.n + self.sessions.pipes_open)
 
     def _up(self, session: Session) -> None:
         pipes = session.pipes.pipes
