@@ -84,6 +84,8 @@ def test_headers_parse_in_any_pieces(data: bytes, source: Any, local: bool) -> N
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 9x 80\r\n", "malformed PROXY header: a malformed address or port"),
         (b"PROXY TCP4 evil 5.6.7.8 1 80\r\n", "source 'evil' is not an IP address"),
         (b"PROXY TCP9 1.2.3.4 5.6.7.8 1 80\r\n", "an unknown protocol or address family"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 80\r\n", "source port 99999 is not in 0..65535"),
+        (b"PROXY TCP6 1.2.3.4 5.6.7.8 1 80\r\n", "source '1.2.3.4' is not of the family the header says"),
         (b"PROXY " + b"1" * 120, "longer than 107 bytes"),
         (v2_header("10.0.0.9")[:12] + b"\x31\x11\x00\x0c" + b"\0" * 12, "PROXY v2 version 3"),
         (v2_header("10.0.0.9")[:12] + b"\x21\x11\x00\x02ab", "addresses missing or cut short"),
@@ -211,6 +213,22 @@ async def test_a_bad_header_is_one_line_and_a_health_check_none(env: Env) -> Non
     assert "not a PROXY header (first bytes b'\\x16\\x03\\x01\\x02\\x00hello')" in lines[1]
     await sleep(0.1)
     assert rp.service.pipe_factory.admission.greeting == {} and rp.stats.sessions == 0
+
+
+async def test_connections_waiting_for_their_header_are_bounded(env: Env) -> None:
+    """Each connection waiting for its header holds a descriptor for up to
+    10 s: past MAX_WAITING more are closed at accept, with one line."""
+    rp = await env.rp(2, "--listen", f"haproxy:tcp:0:interface={HOST}")
+    factory = rp.service.listener.port.factory
+    factory.max_waiting = 3
+    socks = [socket.create_connection((HOST, rp.port)) for _ in range(4)]
+    try:
+        await until(lambda: "3 connections already wait for their PROXY header" in env.logged(), 5, "the line")
+        assert factory.waiting == 3
+    finally:
+        for sock in socks:
+            sock.close()
+    await until(lambda: factory.waiting == 0, 5, "the waits to end")
 
 
 # -- HAProxy for real, in namespaces ----------------------------------------------------------

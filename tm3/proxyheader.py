@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import interfaces
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -57,8 +57,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from tm3.logs import RateLimit
+
 PREFIX = "haproxy"
 HEADER_TIMEOUT = 10.0
+# Connections waiting for their header at once; more are closed at accept
+# (each holds a descriptor for up to HEADER_TIMEOUT).
+MAX_WAITING = 256
 V1_MAX = 107  # the longest v1 line, CRLF included (the specification's figure)
 V2_FIXED = 16  # the v2 signature, version and command, family, length
 
@@ -116,10 +121,22 @@ def _parse(parse: Any, header: bytes) -> IAddress | None:
     source: IAddress | None = info.source
     if isinstance(source, IPv4Address | IPv6Address):
         try:
-            ipaddress.ip_address(source.host)  # v1 takes any word for an address
+            ip = ipaddress.ip_address(source.host)  # v1 takes any word for an address
         except ValueError:
             raise BadHeader(f"PROXY header source {source.host!r} is not an IP address") from None
+        if (ip.version == 6) != isinstance(source, IPv6Address):
+            raise BadHeader(f"PROXY header source {source.host!r} is not of the family the header says")
+        if not 0 <= source.port <= 65535:
+            raise BadHeader(f"PROXY header source port {source.port} is not in 0..65535")
     return source
+
+
+def _where(peer: IAddress) -> str:
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+
+# Connections past MAX_WAITING: one line per 10 s at most.
+_CROWDED = RateLimit(10.0)
 
 
 class ProxyHeaderProtocol(ProtocolWrapper):
@@ -140,7 +157,20 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.proxy_factory.registerProtocol(self)
-        self.timer = self.proxy_factory.reactor.callLater(self.proxy_factory.timeout, self._too_slow)
+        factory = self.proxy_factory
+        if factory.waiting >= factory.max_waiting:
+            if _CROWDED.allow():
+                self.log.warn(
+                    "connection from {where} closed: {n} connections already wait for their PROXY header "
+                    "({more} more closed since the last line)",
+                    where=_where(transport.getPeer()),
+                    n=factory.waiting,
+                    more=_CROWDED.take_suppressed(),
+                )
+            cast(Any, transport).abortConnection()
+            return
+        factory.waiting += 1
+        self.timer = factory.reactor.callLater(factory.timeout, self._too_slow)
 
     def logPrefix(self) -> str:
         return "ProxyHeaderProtocol"
@@ -191,18 +221,16 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             wrapped.connectionLost(reason)
 
     def _too_slow(self) -> None:
-        self.timer = None
+        self._stop_timer()
         self._refuse(f"sent no complete PROXY header within {self.proxy_factory.timeout:g} s")
 
     def _refuse(self, why: str) -> None:
         self._stop_timer()
         assert self.transport is not None
-        peer = self.transport.getPeer()
-        where = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.log.warn(
             "connection from {where} closed: {why} (first bytes {first!r}); --listen haproxy: wants HAProxy's "
             "send-proxy-v2 on every connection",
-            where=where,
+            where=_where(self.transport.getPeer()),
             why=why,
             first=self.buffer[:16],
         )
@@ -211,8 +239,11 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         transport.abortConnection()
 
     def _stop_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        """The wait for the header is over (one way or another)."""
+        if self.timer is not None:
+            self.proxy_factory.waiting -= 1
+            if self.timer.active():
+                self.timer.cancel()
         self.timer = None
 
 
@@ -230,10 +261,13 @@ class ProxyHeaderFactory(WrappingFactory):
         reactor: Any,
         tls: Any = None,
         timeout: float = HEADER_TIMEOUT,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         super().__init__(wrapped)
         self.reactor = reactor
         self.timeout = timeout
+        self.max_waiting = max_waiting
+        self.waiting = 0  # connections whose header has not come yet
         self.tls = None if tls is None else TLSMemoryBIOFactory(tls, False, wrapped)
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyHeaderProtocol:  # type: ignore[override]
