@@ -10,6 +10,7 @@ each set must land on, or v1)."""
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import re
 import signal
@@ -20,12 +21,14 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from tests.support import servers
 from tests.support.certs import make_pki
 from tests.support.env import Env
+from tests.support.logs import LogCapture
 from tests.support.pattern import Pattern
 from tests.support.ports import HOST
 from tests.support.processes import LISTENING, REPO_ROOT, TWISTD, Proc
@@ -85,6 +88,55 @@ def test_the_worker_hash_is_stable_and_spreads_keys() -> None:
 def test_the_worker_hash_is_pinned() -> None:
     # A front and its restarted self must agree: the hash is part of the design.
     assert [worker_for(address_key(f"10.0.0.{i}"), 2) for i in range(8)] == PINNED
+
+
+# -- the front on a fake reactor (no processes) --------------------------------------------------
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, sig: str) -> None:
+        self.signals.append(sig)
+
+
+class SpawnReactor(MemoryReactorClock):
+    """Spawns nothing: ``spawnProcess`` raises the next of ``spawn_errors``,
+    or connects the protocol to a :class:`FakeProcess`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawn_errors: list[Exception] = []
+        self.spawned: list[FakeProcess] = []
+
+    def spawnProcess(self, proto: ProcessProtocol, *args: object, **kwargs: object) -> FakeProcess:
+        if self.spawn_errors:
+            raise self.spawn_errors.pop(0)
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append(process)
+        proto.makeConnection(process)  # type: ignore[arg-type]
+        return process
+
+
+def fake_front(reactor: SpawnReactor | None = None, **kwargs: object) -> FrontService:
+    return FrontService(reactor or SpawnReactor(), "tcp:0", 2, ["--pipes", "2"], **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_worker_that_cannot_be_started_is_tried_again_with_the_same_backoff(logs: LogCapture) -> None:
+    reactor = SpawnReactor()
+    reactor.spawn_errors += [OSError(errno.EAGAIN, "Resource temporarily unavailable"), OSError(errno.ENOMEM, "x")]
+    worker = fake_front(reactor).workers[1]
+    fds = len(os.listdir("/proc/self/fd"))
+    worker.start()
+    assert worker.channel is None and len(os.listdir("/proc/self/fd")) == fds  # both ends closed
+    assert logs.matching("worker 2 could not be started: resource temporarily unavailable; starting it again in 0.5 s")
+    reactor.advance(0.5)
+    assert logs.matching("worker 2 could not be started: x; starting it again in 1 s")
+    reactor.advance(1)
+    assert worker.channel is not None and worker.pid == 1000
+    worker.channel.close()
 
 
 # -- the real front and its workers -------------------------------------------------------------

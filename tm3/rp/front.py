@@ -22,7 +22,8 @@ a hello and no more within ``--handshake-timeout`` is closed.
 
 Workers: started at start, each with a socketpair; one that ends while the
 front runs is started again after a delay that doubles from 0.5 s up to
-30 s while it keeps dying young, each time one line in the log; the pipes
+30 s while it keeps dying young (or cannot be started: a failed fork or exec
+is tried again the same way), each time one line in the log; the pipes
 routed to it meanwhile are closed (the LP redials). On stop (SIGTERM) the
 front stops accepting, sends SIGTERM to every worker (each drains its
 connections for up to ``--drain-timeout``), and ends once they have, or
@@ -385,12 +386,22 @@ class WorkerProcess(ProcessProtocol):
 
     def start(self) -> None:
         self._restart = None
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if self.stopping or self.front.stopping:
+            return
         env = {**self.environ, WORKER_ENV: f"{self.index}:{CHILD_FD}"}
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as e:
+            self._start_again(f"could not be started: {os_reason(e)}")
+            return
         try:
             transport = self.reactor.spawnProcess(
                 self, self.argv[0], self.argv, env=env, childFDs={0: 0, 1: 1, 2: 2, CHILD_FD: theirs.fileno()}
             )
+        except Exception as e:  # OSError (no executable, ENOMEM, EAGAIN) or worse: it must not stay down
+            mine.close()
+            self._start_again(f"could not be started: {os_reason(e) or repr(e)}")
+            return
         finally:
             theirs.close()
         mine.setblocking(False)
@@ -456,18 +467,18 @@ class WorkerProcess(ProcessProtocol):
         else:
             if self.reactor.seconds() - self.started_at >= RESTART_YOUNG:
                 self.delay = RESTART_FIRST
-            self.log.warn(
-                "{worker} (pid {pid}) {how}; starting it again in {delay:g} s",
-                worker=self.name,
-                pid=pid,
-                how=how,
-                delay=self.delay,
-            )
-            self.restarts += 1
-            self._restart = self.reactor.callLater(self.delay, self.start)
-            self.delay = min(self.delay * 2, RESTART_MOST)
+            self._start_again(f"(pid {pid}) {how}")
         if ended is not None:
             ended.callback(None)
+
+    def _start_again(self, what: str) -> None:
+        """One line, and the next start after the current delay, doubled for the one after."""
+        self.log.warn(
+            "{worker} {what}; starting it again in {delay:g} s", worker=self.name, what=what, delay=self.delay
+        )
+        self.restarts += 1
+        self._restart = self.reactor.callLater(self.delay, self.start)
+        self.delay = min(self.delay * 2, RESTART_MOST)
 
     def stop(self, timeout: float) -> Deferred[None]:
         """SIGTERM, and SIGKILL if it has not ended ``timeout`` seconds later."""
