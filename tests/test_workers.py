@@ -24,6 +24,7 @@ import pytest_twisted
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from tests.support import servers
 from tests.support.certs import make_pki
@@ -37,8 +38,9 @@ from tests.support.waiting import until, within
 from tm3.core.handshake import Hello
 from tm3.lp import dialer
 from tm3.rp import tap as rp_tap
-from tm3.rp.front import FrontService, metrics_for_workers
+from tm3.rp.front import WORKER_QUEUE, FrontService, WorkerProcess, metrics_for_workers
 from tm3.rp.routing import QUIET, V1, V2, Route, address_key, route, worker_for
+from tm3.rp.worker import PipeReceiver
 
 MiB = 1024 * 1024
 # worker_for(address_key("10.0.0.i"), 2) for i in 0..7, as it was when the front was written.
@@ -137,6 +139,66 @@ def test_a_worker_that_cannot_be_started_is_tried_again_with_the_same_backoff(lo
     reactor.advance(1)
     assert worker.channel is not None and worker.pid == 1000
     worker.channel.close()
+
+
+def stuck_channel(worker: WorkerProcess) -> socket.socket:
+    """Gives ``worker`` a small channel whose other end (returned) nobody reads."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's least: a few messages
+    mine.setblocking(False)
+    worker.channel = mine
+    return theirs
+
+
+def test_a_worker_that_stops_reading_holds_at_most_its_queue_for_at_most_the_deadline(logs: LogCapture) -> None:
+    reactor = SpawnReactor()
+    front = fake_front(reactor, handshake_timeout=5.0)
+    worker = front.workers[0]
+    theirs = stuck_channel(worker)
+    queued = []
+    while len(worker.queue) < WORKER_QUEUE:
+        queued.append(socket.socket())
+        worker.send(V2, queued[-1])
+        assert len(queued) < 1000, "the channel never filled"
+    extra = [socket.socket() for _ in range(3)]
+    for sock in extra:
+        worker.send(V2, sock)
+    assert len(worker.queue) == WORKER_QUEUE and all(s.fileno() == -1 for s in extra)
+    assert logs.matching(f"pipe closed: worker 1 is not taking its pipes ({WORKER_QUEUE} wait for it already)")
+    assert front.held() == 0  # the other workers' pipes are still taken
+    reactor.advance(4.9)
+    assert len(worker.queue) == WORKER_QUEUE
+    reactor.advance(0.1)
+    assert not worker.queue and all(s.fileno() == -1 for s in queued[-WORKER_QUEUE:])
+    assert not reactor.getDelayedCalls() and not reactor.writers
+    theirs.close()
+    worker.channel.close()
+
+
+def test_a_pipe_the_worker_cannot_take_is_closed_and_the_rest_are_taken(logs: LogCapture) -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    taken: list[str] = []
+
+    def adopt(fd: int, family: int, verdict: str) -> None:
+        if not taken:
+            taken.append("failed")
+            raise RuntimeError("a bug")
+        taken.append(verdict)
+
+    gone: list[bool] = []
+    receiver = PipeReceiver(MemoryReactorClock(), theirs.detach(), adopt, lambda: gone.append(True))
+    receiver.startService()
+    pipes = [socket.socket() for _ in range(2)]
+    for pipe, verdict in zip(pipes, (V2, QUIET)):
+        socket.send_fds(mine, [verdict.encode()], [pipe.fileno()])
+    receiver.read()
+    assert taken == ["failed", QUIET] and not gone
+    assert logs.matching("a pipe from the front could not be taken: RuntimeError('a bug'); closed")
+    # Should the reactor drop the reader all the same, the worker ends (and is started again).
+    receiver._reader.connectionLost(Failure(RuntimeError("dropped")))
+    assert gone == [True] and logs.matching("the front is gone (reading its socket failed: dropped): stopping")
+    for sock in (mine, receiver.channel, *pipes):
+        sock.close()
 
 
 # -- the real front and its workers -------------------------------------------------------------

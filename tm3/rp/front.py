@@ -15,10 +15,13 @@ listens through Twisted (the ``--listen`` endpoint, its errors and the
 ``listening on`` line), then accepts on that socket itself.
 
 Bounds, as a single RP has them: ``--allow-from`` at accept; at most
-``--max-pending-pipes`` pipes held (peeked at, or waiting for a worker), and
-of those being peeked at, ``--max-pending-per-address`` from one address; a
-pipe silent for ``--hello-wait`` is routed by address, one that sent part of
-a hello and no more within ``--handshake-timeout`` is closed.
+``--max-pending-pipes`` pipes being peeked at, and of those
+``--max-pending-per-address`` from one address; a pipe silent for
+``--hello-wait`` is routed by address, one that sent part of a hello and no
+more within ``--handshake-timeout`` is closed. A routed pipe that finds its
+worker's socket full waits in that worker's queue: at most ``WORKER_QUEUE``
+pipes, each for at most ``--handshake-timeout``, so a worker that stops
+reading costs only its own pipes.
 
 Workers: started at start, each with a socketpair; one that ends while the
 front runs is started again after a delay that doubles from 0.5 s up to
@@ -85,6 +88,10 @@ STOP_MARGIN = 10.0
 ACCEPT_BATCH = 64
 #: After accept() failed (EMFILE): how long to leave the listening socket alone.
 ACCEPT_PAUSE = 1.0
+#: Pipes that may wait for room on one worker's socket; more are closed. A
+#: worker that stops reading holds at most these (and what its socket holds)
+#: and never the slots of --max-pending-pipes the other workers' pipes need.
+WORKER_QUEUE = 64
 
 
 class IFrontReactor(IReactorTime, IReactorCore, IReactorTCP, IReactorFDSet, IReactorProcess):
@@ -132,7 +139,9 @@ class FrontService(MultiService):
         self.listener.setServiceParent(self)
         environ = os.environ if environ is None else environ
         metrics = [["--metrics", m] for m in worker_metrics] or [[]] * workers
-        self.workers = [WorkerProcess(self, i + 1, [*worker_argv, *metrics[i]], environ) for i in range(workers)]
+        self.workers = [
+            WorkerProcess(self, i + 1, [*worker_argv, *metrics[i]], environ, handshake_timeout) for i in range(workers)
+        ]
         self.peeking: dict[int, _Peek] = {}  # by file descriptor
         self.routed = [0] * workers
         self.refused = 0
@@ -202,7 +211,9 @@ class FrontService(MultiService):
             self.reactor.addReader(acceptor)
 
     def held(self) -> int:
-        return len(self.peeking) + sum(len(w.queue) for w in self.workers)
+        # Not the pipes queued for a worker: each worker's queue has its own
+        # bound (WORKER_QUEUE), so one stuck worker cannot refuse the rest.
+        return len(self.peeking)
 
     def accepted(self, sock: socket.socket, host: str) -> None:
         if self.allow_from and not within(host, self.allow_from):
@@ -361,14 +372,20 @@ class WorkerProcess(ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, front: FrontService, index: int, argv: Sequence[str], environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, front: FrontService, index: int, argv: Sequence[str], environ: Mapping[str, str], deadline: float = 10.0
+    ) -> None:
         self.front = front
         self.reactor = front.reactor
         self.index = index
         self.argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "tm3rp", *argv]
         self.environ = dict(environ)
         self.channel: socket.socket | None = None
-        self.queue: deque[tuple[str, socket.socket]] = deque()  # waiting for room on the channel
+        # Waiting for room on the channel: (verdict, pipe, when queued), at
+        # most WORKER_QUEUE, each for at most ``deadline`` seconds.
+        self.queue: deque[tuple[str, socket.socket, float]] = deque()
+        self.deadline = deadline
+        self._expiry: IDelayedCall | None = None
         self._writer = _ChannelWriter(self)
         self._writing = False
         self.pid: int | None = None
@@ -415,12 +432,28 @@ class WorkerProcess(ProcessProtocol):
         if self.channel is None:
             self._closed(sock, "is not running")
             return
-        self.queue.append((verdict, sock))
+        if len(self.queue) >= WORKER_QUEUE:
+            self._closed(sock, f"is not taking its pipes ({WORKER_QUEUE} wait for it already)")
+            return
+        self.queue.append((verdict, sock, self.reactor.seconds()))
         self.flush()
+        if self.queue and self._expiry is None:
+            self._expiry = self.reactor.callLater(self.deadline, self._expire)
+
+    def _expire(self) -> None:
+        """Close the queued pipes that have waited ``deadline`` seconds: their LPs gave up on them by now."""
+        self._expiry = None
+        now = self.reactor.seconds()
+        while self.queue and self.queue[0][2] + self.deadline <= now:
+            self._closed(self.queue.popleft()[1], f"did not take it within {self.deadline:g} s")
+        if self.queue:
+            self._expiry = self.reactor.callLater(self.queue[0][2] + self.deadline - now, self._expire)
+        else:
+            self._flushed()
 
     def flush(self) -> None:
         while self.queue and self.channel is not None:
-            verdict, sock = self.queue[0]
+            verdict, sock, _ = self.queue[0]
             try:
                 socket.send_fds(self.channel, [verdict.encode()], [sock.fileno()])
             except BlockingIOError:
@@ -430,10 +463,16 @@ class WorkerProcess(ProcessProtocol):
                 return
             self.queue.popleft()
             sock.close()  # the worker has its own now
+        self._flushed()
+
+    def _flushed(self) -> None:
         want = bool(self.queue) and self.channel is not None
         if want != self._writing:
             self._writing = want
             (self.reactor.addWriter if want else self.reactor.removeWriter)(self._writer)
+        if not self.queue and self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
     def _closed(self, sock: socket.socket, why: str) -> None:
         sock.close()
@@ -446,14 +485,12 @@ class WorkerProcess(ProcessProtocol):
             )
 
     def _close_channel(self) -> None:
-        if self._writing:
-            self._writing = False
-            self.reactor.removeWriter(self._writer)
+        while self.queue:
+            self._closed(self.queue.popleft()[1], "ended")
+        self._flushed()  # no writer, no expiry timer: before the channel goes
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        while self.queue:
-            self._closed(self.queue.popleft()[1], "ended")
 
     def processEnded(self, reason: Failure) -> None:
         self._close_channel()

@@ -104,6 +104,8 @@ class PipeReceiver(Service):
             for fd in fds:
                 try:
                     self._take(fd, data.decode("ascii", "replace"))
+                except Exception as e:  # a bug in taking one pipe must not stop us taking the rest
+                    self.log.warn("a pipe from the front could not be taken: {why!r}; closed", why=e)
                 finally:
                     os.close(fd)
 
@@ -143,7 +145,10 @@ class _Reader:
         self.receiver.read()
 
     def connectionLost(self, reason: Failure) -> None:
-        pass
+        # The reactor dropped us (read() raised): a worker that no longer
+        # reads its socket would hold its pipes unread for good; it ends
+        # instead, and the front starts it again.
+        self.receiver._gone(f"reading its socket failed: {reason.getErrorMessage()}")
 
     def logPrefix(self) -> str:
         return "PipeReceiver"
