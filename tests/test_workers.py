@@ -38,7 +38,7 @@ from tests.support.waiting import until, within
 from tm3.core.handshake import Hello
 from tm3.lp import dialer
 from tm3.rp import tap as rp_tap
-from tm3.rp.front import WORKER_QUEUE, FrontService, WorkerProcess, metrics_for_workers
+from tm3.rp.front import WORKER_QUEUE, FrontService, WorkerProcess, _Peek, metrics_for_workers
 from tm3.rp.routing import QUIET, V1, V2, Route, address_key, route, worker_for
 from tm3.rp.worker import PipeReceiver
 
@@ -199,6 +199,41 @@ def test_a_pipe_the_worker_cannot_take_is_closed_and_the_rest_are_taken(logs: Lo
     assert gone == [True] and logs.matching("the front is gone (reading its socket failed: dropped): stopping")
     for sock in (mine, receiver.channel, *pipes):
         sock.close()
+
+
+def peek_at(front: FrontService, host: str = "10.0.0.1") -> tuple[socket.socket, _Peek]:
+    """A pipe from ``host`` that the front has accepted: the LP's end, and the front's peek at it."""
+    ours, lp = socket.socketpair()
+    ours.setblocking(False)
+    front.accepted(ours, host)
+    return lp, front.peeking[ours.fileno()]
+
+
+def is_closed(sock: socket.socket) -> bool:
+    """Whether the other end closed (with unread bytes, Linux resets instead)."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_begun_hello_has_the_handshake_timeout_even_when_it_is_below_the_hello_wait(logs: LogCapture) -> None:
+    # As in a single RP: the handshake timeout runs from the magic; nothing
+    # requires it to be longer than the hello wait.
+    reactor = SpawnReactor()
+    front = fake_front(reactor, hello_wait=5.0, handshake_timeout=2.0)
+    lp, peek = peek_at(front)
+    reactor.advance(1)
+    lp.sendall(hello(b"s" * 16)[:20])
+    peek.doRead()
+    reactor.advance(1.9)
+    assert front.peeking
+    reactor.advance(0.1)
+    assert not front.peeking and front.refused == 1 and not reactor.getDelayedCalls()
+    assert logs.matching("pipe from 10.0.0.1 refused: it sent part of a v2 hello and no more within 2 s")
+    assert is_closed(lp)
+    lp.close()
 
 
 # -- the real front and its workers -------------------------------------------------------------

@@ -17,8 +17,9 @@ listens through Twisted (the ``--listen`` endpoint, its errors and the
 Bounds, as a single RP has them: ``--allow-from`` at accept; at most
 ``--max-pending-pipes`` pipes being peeked at, and of those
 ``--max-pending-per-address`` from one address; a pipe silent for
-``--hello-wait`` is routed by address, one that sent part of a hello and no
-more within ``--handshake-timeout`` is closed. A routed pipe that finds its
+``--hello-wait`` is routed by address; one that began a hello (sent the
+magic) and no more within ``--handshake-timeout`` of it, or part of the magic
+within the hello wait, is closed, as a single RP closes them. A routed pipe that finds its
 worker's socket full waits in that worker's queue: at most ``WORKER_QUEUE``
 pipes, each for at most ``--handshake-timeout``, so a worker that stops
 reading costs only its own pipes.
@@ -62,6 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tm3.cli import cannot_start, os_reason
+from tm3.core.handshake import MAGIC
 from tm3.fdlimit import raise_soft_limit
 from tm3.listening import ListeningService
 from tm3.logs import RateLimit, plural
@@ -235,9 +237,9 @@ class FrontService(MultiService):
                 n=self.max_pending,
             )
             return
-        peek = _Peek(self, sock, host)
+        peek = _Peek(self, sock, host, self.hello_wait)
         self.peeking[peek.fd] = peek
-        peek.timer = self.reactor.callLater(self.hello_wait, self._waited, peek)
+        peek.timer = self.reactor.callLater(peek.wait, self._waited, peek)
         self.reactor.addReader(peek)
 
     def _refuse(self, sock: socket.socket, text: str, **fields: object) -> None:
@@ -256,6 +258,13 @@ class FrontService(MultiService):
             # The peeked bytes stay readable: be woken by the next byte, not every turn.
             peek.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
             peek.lowered = True
+            if not peek.in_hello and len(data) >= len(MAGIC):
+                # A hello has begun: as in a single RP (tm3/rp/admission.py),
+                # it has the handshake timeout from here, whatever the hello wait.
+                peek.in_hello = True
+                peek.wait = self.handshake_timeout
+                if peek.timer is not None:
+                    peek.timer.reset(self.handshake_timeout)
             return
         self._route(peek, decided)
         if decided.verdict == V1 and self.v1_only:
@@ -269,17 +278,14 @@ class FrontService(MultiService):
         decided = route(peek.peeked, peek.host, waited=True)
         if decided is not None:
             self._route(peek, decided)
-        elif not peek.late:  # part of a hello: it has the handshake's time
-            peek.late = True
-            peek.timer = self.reactor.callLater(self.handshake_timeout - self.hello_wait, self._waited, peek)
-        else:
-            self._drop(peek)
-            self.refused += 1
-            self.log.warn(
-                "pipe from {host} refused: it sent part of a v2 hello and no more within {t:g} s",
-                host=peek.host,
-                t=self.handshake_timeout,
-            )
+            return
+        self._drop(peek)
+        self.refused += 1
+        self.log.warn(
+            "pipe from {host} refused: it sent part of a v2 hello and no more within {t:g} s",
+            host=peek.host,
+            t=peek.wait,
+        )
 
     def _route(self, peek: _Peek, decided: Route) -> None:
         self._forget(peek)
@@ -337,14 +343,15 @@ class _Acceptor:
 class _Peek:
     """An accepted pipe whose first bytes the front waits for."""
 
-    def __init__(self, front: FrontService, sock: socket.socket, host: str) -> None:
+    def __init__(self, front: FrontService, sock: socket.socket, host: str, wait: float) -> None:
         self.front = front
         self.sock = sock
         self.fd = sock.fileno()
         self.host = host
+        self.wait = wait  # what its timer was set to last
         self.peeked = b""
         self.lowered = False  # SO_RCVLOWAT raised
-        self.late = False  # past the hello wait, with part of a hello
+        self.in_hello = False  # its first bytes are the magic: the handshake timeout runs
         self.timer: IDelayedCall | None = None
 
     def fileno(self) -> int:
