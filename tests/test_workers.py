@@ -141,8 +141,8 @@ def test_a_worker_that_cannot_be_started_is_tried_again_with_the_same_backoff(lo
     worker.channel.close()
 
 
-def stuck_channel(worker: WorkerProcess) -> socket.socket:
-    """Gives ``worker`` a small channel whose other end (returned) nobody reads."""
+def channel_for(worker: WorkerProcess) -> socket.socket:
+    """Gives ``worker`` a small channel (a few messages) and returns its other end."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's least: a few messages
     mine.setblocking(False)
@@ -154,7 +154,7 @@ def test_a_worker_that_stops_reading_holds_at_most_its_queue_for_at_most_the_dea
     reactor = SpawnReactor()
     front = fake_front(reactor, handshake_timeout=5.0)
     worker = front.workers[0]
-    theirs = stuck_channel(worker)
+    theirs = channel_for(worker)  # never read
     queued = []
     while len(worker.queue) < WORKER_QUEUE:
         queued.append(socket.socket())
@@ -234,6 +234,27 @@ def test_a_begun_hello_has_the_handshake_timeout_even_when_it_is_below_the_hello
     assert logs.matching("pipe from 10.0.0.1 refused: it sent part of a v2 hello and no more within 2 s")
     assert is_closed(lp)
     lp.close()
+
+
+def test_on_a_v2_only_rp_a_late_hello_still_goes_by_its_session_id(logs: LogCapture) -> None:
+    reactor = SpawnReactor()
+    front = fake_front(reactor, hello_wait=1.0, handshake_timeout=10.0, v1_only=False, serves_v1=False)
+    ends = [channel_for(w) for w in front.workers]
+    late, late_peek = peek_at(front)
+    silent, _ = peek_at(front)
+    reactor.advance(5)  # well past the hello wait: silence is not v1 here
+    assert len(front.peeking) == 2
+    late.sendall(hello(next(ids_for(2))))
+    late_peek.doRead()
+    data, fds, _, _ = socket.recv_fds(ends[1], 64, 1)
+    assert (data, len(fds)) == (V2.encode(), 1)
+    reactor.advance(5)
+    assert not front.peeking and front.refused == 1
+    assert logs.matching("pipe from 10.0.0.1 refused: it sent no v2 hello within 10 s")
+    assert is_closed(silent)
+    for sock in (late, silent, *ends, *(w.channel for w in front.workers if w.channel)):
+        sock.close()
+    os.close(fds[0])
 
 
 # -- the real front and its workers -------------------------------------------------------------
@@ -497,3 +518,13 @@ def test_a_tls_listen_with_workers_is_a_usage_error(tmp_path: Path) -> None:
 def test_metrics_for_workers() -> None:
     assert metrics_for_workers("tcp:9100", 2) == ["tcp:9100", "tcp:9101"]
     assert metrics_for_workers("tcp:port=9100:interface=::1", 2) == ["tcp:9100:interface=::1", "tcp:9101:interface=::1"]
+
+
+def test_the_front_knows_whether_v1_is_served(key_file: str) -> None:
+    def serves_v1(*argv: str) -> bool:
+        front = rp_tap.makeService(parse("--workers", "2", *argv), MemoryReactorClock())
+        assert isinstance(front, FrontService)
+        return front.serves_v1
+
+    assert serves_v1() and serves_v1("--key-file", key_file, "--allow-v1")
+    assert not serves_v1("--key-file", key_file)

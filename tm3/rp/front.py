@@ -17,7 +17,8 @@ listens through Twisted (the ``--listen`` endpoint, its errors and the
 Bounds, as a single RP has them: ``--allow-from`` at accept; at most
 ``--max-pending-pipes`` pipes being peeked at, and of those
 ``--max-pending-per-address`` from one address; a pipe silent for
-``--hello-wait`` is routed by address; one that began a hello (sent the
+``--hello-wait`` is routed by address where v1 is served (else it waits
+for its hello up to ``--handshake-timeout``, then is closed); one that began a hello (sent the
 magic) and no more within ``--handshake-timeout`` of it, or part of the magic
 within the hello wait, is closed, as a single RP closes them. A routed pipe that finds its
 worker's socket full waits in that worker's queue: at most ``WORKER_QUEUE``
@@ -119,6 +120,7 @@ class FrontService(MultiService):
         hello_wait: float = 1.0,
         handshake_timeout: float = 10.0,
         v1_only: bool = True,
+        serves_v1: bool = True,
         drain_timeout: float = 10.0,
         environ: Mapping[str, str] | None = None,
     ) -> None:
@@ -131,7 +133,8 @@ class FrontService(MultiService):
         self.max_per_address = max_per_address  # 0: no cap of its own
         self.hello_wait = hello_wait
         self.handshake_timeout = handshake_timeout
-        self.v1_only = v1_only
+        self.v1_only = v1_only  # no key: a v1 message routes its silent siblings too
+        self.serves_v1 = serves_v1  # no key, or --allow-v1: silence is an idle v1 LP
         self.drain_timeout = drain_timeout
         unused = Factory()  # Twisted only listens; _Acceptor accepts
         unused.noisy = False
@@ -237,7 +240,9 @@ class FrontService(MultiService):
                 n=self.max_pending,
             )
             return
-        peek = _Peek(self, sock, host, self.hello_wait)
+        # Where v1 is not served, silence is no route: a late hello must still
+        # reach the worker its session id names, as late as the handshake timeout.
+        peek = _Peek(self, sock, host, self.hello_wait if self.serves_v1 else self.handshake_timeout)
         self.peeking[peek.fd] = peek
         peek.timer = self.reactor.callLater(peek.wait, self._waited, peek)
         self.reactor.addReader(peek)
@@ -275,15 +280,16 @@ class FrontService(MultiService):
 
     def _waited(self, peek: _Peek) -> None:
         peek.timer = None
-        decided = route(peek.peeked, peek.host, waited=True)
+        decided = route(peek.peeked, peek.host, waited=True) if self.serves_v1 else None
         if decided is not None:
             self._route(peek, decided)
             return
         self._drop(peek)
         self.refused += 1
         self.log.warn(
-            "pipe from {host} refused: it sent part of a v2 hello and no more within {t:g} s",
+            "pipe from {host} refused: it sent {what} within {t:g} s",
             host=peek.host,
+            what="part of a v2 hello and no more" if peek.peeked else "no v2 hello",
             t=peek.wait,
         )
 
