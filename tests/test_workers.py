@@ -38,7 +38,15 @@ from tests.support.waiting import until, within
 from tm3.core.handshake import Hello
 from tm3.lp import dialer
 from tm3.rp import tap as rp_tap
-from tm3.rp.front import WORKER_QUEUE, FrontService, WorkerProcess, _Peek, metrics_for_workers
+from tm3.rp.front import (
+    ACCEPT_PAUSE,
+    WORKER_QUEUE,
+    FrontService,
+    WorkerProcess,
+    _Acceptor,
+    _Peek,
+    metrics_for_workers,
+)
 from tm3.rp.routing import QUIET, V1, V2, Route, address_key, route, worker_for
 from tm3.rp.worker import PipeReceiver
 
@@ -255,6 +263,41 @@ def test_on_a_v2_only_rp_a_late_hello_still_goes_by_its_session_id(logs: LogCapt
     for sock in (late, silent, *ends, *(w.channel for w in front.workers if w.channel)):
         sock.close()
     os.close(fds[0])
+
+
+class Listening:
+    """What ``accept()`` returns, or raises, in turn."""
+
+    def __init__(self, *results: object) -> None:
+        self.results = list(results)
+
+    def accept(self) -> object:
+        result = self.results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def fileno(self) -> int:
+        return 1000
+
+
+def test_an_accept_error_of_one_connection_does_not_pause_accepting() -> None:
+    reactor = SpawnReactor()
+    front = fake_front(reactor, hello_wait=3.0)
+    pairs = [socket.socketpair() for _ in range(2)]
+    acceptor = front._acceptor = _Acceptor(front, Listening(  # type: ignore[arg-type]
+        OSError(errno.ECONNABORTED, "aborted"), (pairs[0][0], ("10.0.0.1", 1)),
+        OSError(errno.EPROTO, "protocol"), (pairs[1][0], ("10.0.0.2", 2)),
+        OSError(errno.EMFILE, "too many open files"), (None, None),
+    ))  # fmt: skip
+    acceptor.doRead()
+    assert len(front.peeking) == 2
+    assert len(acceptor.listening.results) == 1  # EMFILE paused: the next accept waits
+    assert sorted(c.getTime() for c in reactor.getDelayedCalls()) == [ACCEPT_PAUSE, 3.0, 3.0]
+    front.stopService()
+    for a, b in pairs:
+        a.close()
+        b.close()
 
 
 # -- the real front and its workers -------------------------------------------------------------

@@ -37,6 +37,7 @@ kills them ``STOP_MARGIN`` seconds after the drain timeout.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -91,6 +92,24 @@ STOP_MARGIN = 10.0
 ACCEPT_BATCH = 64
 #: After accept() failed (EMFILE): how long to leave the listening socket alone.
 ACCEPT_PAUSE = 1.0
+#: What accept() fails with for one connection (accept(2): Linux passes a new
+#: connection's pending network error on) rather than for the listening
+#: socket: skip that connection and take the next one.
+ONE_CONNECTION = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.EINTR,
+    }
+)
 #: Pipes that may wait for room on one worker's socket; more are closed. A
 #: worker that stops reading holds at most these (and what its socket holds)
 #: and never the slots of --max-pending-pipes the other workers' pipes need.
@@ -198,7 +217,9 @@ class FrontService(MultiService):
 
     def accept_failed(self, error: OSError) -> None:
         """The listening socket stays readable while accept() fails (out of
-        descriptors): leave it alone for a second rather than spin."""
+        descriptors or memory: EMFILE, ENFILE, ENOBUFS, ENOMEM, or anything
+        else not about one connection): leave it alone for a second rather
+        than spin."""
         if self._acceptor is None:
             return
         if self._refusals.allow():
@@ -332,9 +353,11 @@ class _Acceptor:
                 sock, address = self.listening.accept()
             except BlockingIOError:
                 return
-            except OSError as e:  # EMFILE and the like
-                self.front.accept_failed(e)
-                return
+            except OSError as e:
+                if e.errno not in ONE_CONNECTION:  # EMFILE and the like
+                    self.front.accept_failed(e)
+                    return
+                continue  # that connection is gone; the next may be fine
             sock.setblocking(False)
             self.front.accepted(sock, str(address[0]))
 
