@@ -40,6 +40,7 @@ from tm3.lp import dialer
 from tm3.rp import tap as rp_tap
 from tm3.rp.front import (
     ACCEPT_PAUSE,
+    SEND_AGAIN,
     WORKER_QUEUE,
     FrontService,
     WorkerProcess,
@@ -298,6 +299,41 @@ def test_an_accept_error_of_one_connection_does_not_pause_accepting() -> None:
     for a, b in pairs:
         a.close()
         b.close()
+
+
+def test_a_send_error_that_is_not_the_worker_gone_does_not_close_its_socket(
+    logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reactor = SpawnReactor()
+    worker = fake_front(reactor).workers[0]
+    theirs = channel_for(worker)
+    errors = [OSError(errno.ETOOMANYREFS, "Too many references"), OSError(errno.EINVAL, "Invalid argument")]
+    real_send_fds = socket.send_fds
+
+    def send_fds(sock: socket.socket, buffers: list[bytes], fds: list[int]) -> int:
+        if errors:
+            raise errors.pop(0)
+        return real_send_fds(sock, buffers, fds)
+
+    monkeypatch.setattr(socket, "send_fds", send_fds)
+    pipes = [socket.socket() for _ in range(3)]
+    for pipe in pipes:
+        worker.send(V2, pipe)
+    # Too many references: kept, and tried again after a moment (not on writable, which it is).
+    assert worker.channel is not None and len(worker.queue) == 3 and not reactor.writers
+    assert logs.matching("worker 1: cannot pass a pipe now (too many references): trying again in 0.1 s")
+    reactor.advance(SEND_AGAIN)
+    # Invalid argument: that pipe is closed, the others passed.
+    assert pipes[0].fileno() == -1 and logs.matching("pipe closed: worker 1 could not be passed it: invalid argument")
+    assert worker.channel is not None and not worker.queue and not reactor.getDelayedCalls()
+    for _ in range(2):
+        data, fds, _, _ = socket.recv_fds(theirs, 64, 1)
+        assert (data, len(fds)) == (V2.encode(), 1)
+        os.close(fds[0])
+    # Gone: the channel is closed (processEnded follows).
+    theirs.close()
+    worker.send(V2, socket.socket())
+    assert worker.channel is None
 
 
 # -- the real front and its workers -------------------------------------------------------------

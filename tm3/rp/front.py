@@ -110,6 +110,12 @@ ONE_CONNECTION = frozenset(
         errno.EINTR,
     }
 )
+#: What passing a pipe fails with when the worker is gone (processEnded follows).
+WORKER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED})
+#: ... and when the kernel is short of something for now (memory, or room for
+#: descriptors in flight): the pipe stays queued and is passed SEND_AGAIN later.
+NOT_NOW = frozenset({errno.ENOBUFS, errno.ENOMEM, errno.ETOOMANYREFS})
+SEND_AGAIN = 0.1
 #: Pipes that may wait for room on one worker's socket; more are closed. A
 #: worker that stops reading holds at most these (and what its socket holds)
 #: and never the slots of --max-pending-pipes the other workers' pipes need.
@@ -422,6 +428,8 @@ class WorkerProcess(ProcessProtocol):
         self.queue: deque[tuple[str, socket.socket, float]] = deque()
         self.deadline = deadline
         self._expiry: IDelayedCall | None = None
+        self._resend: IDelayedCall | None = None  # after a NOT_NOW error
+        self._send_errors = RateLimit()
         self._writer = _ChannelWriter(self)
         self._writing = False
         self.pid: int | None = None
@@ -488,27 +496,49 @@ class WorkerProcess(ProcessProtocol):
             self._flushed()
 
     def flush(self) -> None:
-        while self.queue and self.channel is not None:
+        while self.queue and self.channel is not None and self._resend is None:
             verdict, sock, _ = self.queue[0]
             try:
                 socket.send_fds(self.channel, [verdict.encode()], [sock.fileno()])
             except BlockingIOError:
                 break
-            except OSError:  # the worker is gone; processEnded follows
-                self._close_channel()
-                return
+            except OSError as e:
+                if e.errno in WORKER_GONE:
+                    self._close_channel()
+                    return
+                if e.errno in NOT_NOW:
+                    # Not on writable: the socket has room, and would wake us every turn.
+                    self._resend = self.reactor.callLater(SEND_AGAIN, self._send_again)
+                    if self._send_errors.allow():
+                        self.log.warn(
+                            "{worker}: cannot pass a pipe now ({why}): trying again in {t:g} s",
+                            worker=self.name,
+                            why=os_reason(e),
+                            t=SEND_AGAIN,
+                            suppressed=self._send_errors.take_suppressed(),
+                        )
+                    break
+                self.queue.popleft()
+                self._closed(sock, f"could not be passed it: {os_reason(e)}")
+                continue
             self.queue.popleft()
             sock.close()  # the worker has its own now
         self._flushed()
 
+    def _send_again(self) -> None:
+        self._resend = None
+        self.flush()
+
     def _flushed(self) -> None:
-        want = bool(self.queue) and self.channel is not None
+        want = bool(self.queue) and self.channel is not None and self._resend is None
         if want != self._writing:
             self._writing = want
             (self.reactor.addWriter if want else self.reactor.removeWriter)(self._writer)
-        if not self.queue and self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        if not self.queue:
+            for timer in (self._expiry, self._resend):
+                if timer is not None and timer.active():
+                    timer.cancel()
+            self._expiry = self._resend = None
 
     def _closed(self, sock: socket.socket, why: str) -> None:
         sock.close()
