@@ -336,6 +336,49 @@ def test_a_send_error_that_is_not_the_worker_gone_does_not_close_its_socket(
     assert worker.channel is None
 
 
+def test_the_front_counts_its_unrouted_pipes_per_address(logs: LogCapture) -> None:
+    front = fake_front(max_per_address=2)
+    a1, a1_peek = peek_at(front, "10.0.0.1")
+    a2, _ = peek_at(front, "10.0.0.1")
+    b, _ = peek_at(front, "10.0.0.2")
+    a3 = socket.socketpair()
+    front.accepted(a3[0], "10.0.0.1")
+    assert front.refused == 1 and front.peeking_from == {"10.0.0.1": 2, "10.0.0.2": 1}
+    a1.close()
+    a1_peek.doRead()  # closed before it said anything: dropped
+    assert front.peeking_from == {"10.0.0.1": 1, "10.0.0.2": 1}
+    front.stopService()
+    assert front.peeking_from == {} and not front.peeking
+    for sock in (a2, b, *a3):
+        sock.close()
+
+
+def test_an_error_accepting_one_pipe_costs_that_pipe_not_accepting(
+    logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reactor = SpawnReactor()
+    front = fake_front(reactor)
+    pairs = [socket.socketpair() for _ in range(2)]
+    acceptor = front._acceptor = _Acceptor(front, Listening(  # type: ignore[arg-type]
+        (pairs[0][0], ("10.0.0.1", 1)), (pairs[1][0], ("10.0.0.2", 2)), BlockingIOError()
+    ))  # fmt: skip
+    accepted = front.accepted
+    monkeypatch.setattr(front, "accepted", lambda sock, host: accepted(sock, host) if host != "10.0.0.1" else 1 / 0)
+    acceptor.doRead()
+    assert pairs[0][0].fileno() == -1 and list(front.peeking_from) == ["10.0.0.2"]
+    assert logs.matching("pipe from 10.0.0.1: accepting it failed; closed")
+    # Should the reactor drop the acceptor all the same, it is back a moment later.
+    reactor.removeReader(acceptor)
+    acceptor.connectionLost(Failure(ZeroDivisionError()))
+    assert logs.matching("accepting failed; accepting again in 1 s") and acceptor not in reactor.readers
+    reactor.advance(ACCEPT_PAUSE)
+    assert acceptor in reactor.readers
+    front.stopService()
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
 # -- the real front and its workers -------------------------------------------------------------
 
 
@@ -500,6 +543,8 @@ async def test_sigterm_on_the_front_lets_a_download_in_progress_finish(env: Env,
     await until(lambda: lp.stats.bytes_from_pipes > 0, 10, "the download to start")
     proc.transport.signalProcess("TERM")
     await within(proc.when_output(rb"worker \d: draining: 1 connection open"), 10, "the worker to drain")
+    proc.transport.signalProcess("TERM")  # again, and ^C: no error, no second stop
+    proc.transport.signalProcess("INT")
     client.transport.resumeProducing()
     await until(lambda: client.received == size, 30, "the download to finish")
     assert client.data == Pattern(7).bytes(size)

@@ -71,7 +71,7 @@ from tm3.listening import ListeningService
 from tm3.logs import RateLimit, plural
 from tm3.rp.routing import PEEK_SIZE, QUIET, V1, Route, route, worker_for
 from tm3.rp.service import within
-from tm3.rp.worker import WORKER_ENV
+from tm3.rp.worker import WORKER_ENV, StopOnce
 from tm3.tls import server_from_string
 
 #: How a worker is started: twistd, by the Python running the front, in a
@@ -173,11 +173,14 @@ class FrontService(MultiService):
             WorkerProcess(self, i + 1, [*worker_argv, *metrics[i]], environ, handshake_timeout) for i in range(workers)
         ]
         self.peeking: dict[int, _Peek] = {}  # by file descriptor
+        self.peeking_from: dict[str, int] = {}  # how many of them from each address
         self.routed = [0] * workers
         self.refused = 0
         self._acceptor: _Acceptor | None = None
         self._refusals = RateLimit()
         self.stopping = False
+        # A second SIGTERM (or ^C) while the workers drain must not stop the reactor twice.
+        self.reactor.callWhenRunning(StopOnce(self.reactor).install)
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -242,6 +245,14 @@ class FrontService(MultiService):
         if self._acceptor is acceptor:
             self.reactor.addReader(acceptor)
 
+    def acceptor_lost(self, acceptor: _Acceptor, reason: Failure) -> None:
+        """The reactor dropped the acceptor (its doRead raised): accepting
+        must not stop for good, and not without a word."""
+        if self._acceptor is not acceptor:
+            return  # stopped
+        self.log.failure("accepting failed; accepting again in {t:g} s", failure=reason, t=ACCEPT_PAUSE)
+        self.reactor.callLater(ACCEPT_PAUSE, self._accept_again, acceptor)
+
     def held(self) -> int:
         # Not the pipes queued for a worker: each worker's queue has its own
         # bound (WORKER_QUEUE), so one stuck worker cannot refuse the rest.
@@ -251,7 +262,7 @@ class FrontService(MultiService):
         if self.allow_from and not within(host, self.allow_from):
             self._refuse(sock, "pipe from {host} refused: not in --allow-from", host=host)
             return
-        if self.max_per_address and sum(p.host == host for p in self.peeking.values()) >= self.max_per_address:
+        if self.max_per_address and self.peeking_from.get(host, 0) >= self.max_per_address:
             self._refuse(
                 sock,
                 "pipe from {host} refused: {n} pipes from it already wait to be routed (--max-pending-per-address)",
@@ -271,6 +282,7 @@ class FrontService(MultiService):
         # reach the worker its session id names, as late as the handshake timeout.
         peek = _Peek(self, sock, host, self.hello_wait if self.serves_v1 else self.handshake_timeout)
         self.peeking[peek.fd] = peek
+        self.peeking_from[host] = self.peeking_from.get(host, 0) + 1
         peek.timer = self.reactor.callLater(peek.wait, self._waited, peek)
         self.reactor.addReader(peek)
 
@@ -299,7 +311,7 @@ class FrontService(MultiService):
                     peek.timer.reset(self.handshake_timeout)
             return
         self._route(peek, decided)
-        if decided.verdict == V1 and self.v1_only:
+        if decided.verdict == V1 and self.v1_only and self.peeking_from.get(peek.host):
             # As a single RP does (tm3/rp/admission.py): the silent pipes from
             # the same address are the same v1 LP's idle ones.
             for other in [p for p in self.peeking.values() if p.host == peek.host and not p.peeked]:
@@ -329,7 +341,12 @@ class FrontService(MultiService):
         self.workers[index].send(decided.verdict, peek.sock)
 
     def _forget(self, peek: _Peek) -> None:
-        self.peeking.pop(peek.fd, None)
+        if self.peeking.pop(peek.fd, None) is not None:
+            left = self.peeking_from[peek.host] - 1
+            if left:
+                self.peeking_from[peek.host] = left
+            else:
+                del self.peeking_from[peek.host]
         self.reactor.removeReader(peek)
         if peek.timer is not None and peek.timer.active():
             peek.timer.cancel()
@@ -364,11 +381,16 @@ class _Acceptor:
                     self.front.accept_failed(e)
                     return
                 continue  # that connection is gone; the next may be fine
-            sock.setblocking(False)
-            self.front.accepted(sock, str(address[0]))
+            host = str(address[0])
+            try:
+                sock.setblocking(False)
+                self.front.accepted(sock, host)
+            except Exception:  # a bug: it costs this pipe, not every pipe after it
+                self.log.failure("pipe from {host}: accepting it failed; closed", host=host)
+                sock.close()
 
     def connectionLost(self, reason: Failure) -> None:
-        pass
+        self.front.acceptor_lost(self, reason)
 
     def logPrefix(self) -> str:
         return "front"

@@ -159,9 +159,10 @@ class StopOnce:
 
     A worker is told to stop by its front (SIGTERM), by the front's end (its
     socket closes), and, under systemd's default ``KillMode=control-group``,
-    by systemd's own SIGTERM as well; twistd's handler would call
-    ``reactor.stop()`` again, which raises. :meth:`install` (once the reactor
-    runs: it installs its own handlers as it starts) puts this in its place."""
+    by systemd's own SIGTERM as well; a front by a second SIGTERM or ^C while
+    its workers drain. twistd's handler would call ``reactor.stop()`` again,
+    which raises. :meth:`install` (once the reactor runs: it installs its own
+    handlers as it starts) puts this in their place, for SIGTERM and SIGINT."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
@@ -173,4 +174,5 @@ class StopOnce:
             self.reactor.stop()
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.reactor.callFromThread(self))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: self.reactor.callFromThread(self))
