@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -202,6 +203,7 @@ def test_a_pipe_the_worker_cannot_take_is_closed_and_the_rest_are_taken(logs: Lo
         socket.send_fds(mine, [verdict.encode()], [pipe.fileno()])
     receiver.read()
     assert taken == ["failed", QUIET] and not gone
+    assert mine.recv(64) == b"2"  # taken so far, for the front
     assert logs.matching("a pipe from the front could not be taken: RuntimeError('a bug'); closed")
     # Should the reactor drop the reader all the same, the worker ends (and is started again).
     receiver._reader.connectionLost(Failure(RuntimeError("dropped")))
@@ -377,6 +379,43 @@ def test_an_error_accepting_one_pipe_costs_that_pipe_not_accepting(
     for a, b in pairs:
         a.close()
         b.close()
+
+
+def test_a_pipe_whose_descriptor_did_not_fit_is_logged(logs: LogCapture, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    receiver = PipeReceiver(MemoryReactorClock(), theirs.detach(), lambda *a: None, lambda: None)
+    results: list[object] = [(V2.encode(), [], socket.MSG_CTRUNC, None), BlockingIOError()]
+
+    def recv_fds(*args: object) -> object:
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(socket, "recv_fds", recv_fds)
+    receiver.read()
+    assert logs.matching("a pipe from the front was lost: its descriptor did not fit (out of descriptors?)")
+    assert mine.recv(64) == b"1"
+    mine.close()
+    receiver.channel.close()
+
+
+def test_a_worker_that_dies_with_pipes_unread_says_how_many(logs: LogCapture) -> None:
+    reactor = SpawnReactor()
+    front = fake_front(reactor)
+    worker = front.workers[0]
+    theirs = channel_for(worker)
+    pipes = [socket.socket() for _ in range(3)]
+    for pipe in pipes:
+        worker.send(V2, pipe)
+    assert worker.passed == 3 and not worker.queue
+    theirs.send(b"1")  # the worker took one
+    theirs.close()
+    worker.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert logs.matching("worker 1 died with up to 2 pipes unread; their LPs will redial"), logs.texts()
+    worker.send(V2, socket.socket())  # while it is down: closed
+    front._said_at_exit()
+    assert logs.matching("front at exit: 0 pipes routed (worker 1: 0, worker 2: 0), 0 refused, 3 lost after routing")
 
 
 # -- the real front and its workers -------------------------------------------------------------

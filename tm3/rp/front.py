@@ -17,13 +17,20 @@ listens through Twisted (the ``--listen`` endpoint, its errors and the
 Bounds, as a single RP has them: ``--allow-from`` at accept; at most
 ``--max-pending-pipes`` pipes being peeked at, and of those
 ``--max-pending-per-address`` from one address; a pipe silent for
-``--hello-wait`` is routed by address where v1 is served (else it waits
-for its hello up to ``--handshake-timeout``, then is closed); one that began a hello (sent the
-magic) and no more within ``--handshake-timeout`` of it, or part of the magic
-within the hello wait, is closed, as a single RP closes them. A routed pipe that finds its
-worker's socket full waits in that worker's queue: at most ``WORKER_QUEUE``
-pipes, each for at most ``--handshake-timeout``, so a worker that stops
-reading costs only its own pipes.
+``--hello-wait`` is routed by address where v1 is served (else it waits for
+its hello up to ``--handshake-timeout``, then is closed); one that began a
+hello (sent the magic) and no more within ``--handshake-timeout`` of it, or
+part of the magic within the hello wait, is closed, as a single RP closes
+them. A routed pipe that finds its worker's socket full waits in that
+worker's queue: at most ``WORKER_QUEUE`` pipes, each for at most
+``--handshake-timeout``, so a worker that stops reading costs only its own
+pipes.
+
+A worker tells the front, on the same socket, how many pipes it has taken
+so far (a decimal count, after each batch): what the front passed and the
+worker had not taken when it died is lost with its socket, and the front
+says how many at most. The exit line counts those, and the pipes the front
+closed after routing them (their worker was down, full or failing), as lost.
 
 Workers: started at start, each with a socketpair; one that ends while the
 front runs is started again after a delay that doubles from 0.5 s up to
@@ -175,6 +182,7 @@ class FrontService(MultiService):
         self.peeking: dict[int, _Peek] = {}  # by file descriptor
         self.peeking_from: dict[str, int] = {}  # how many of them from each address
         self.routed = [0] * workers
+        self.lost = 0  # of the routed: closed by the front, or unread by a worker that died
         self.refused = 0
         self._acceptor: _Acceptor | None = None
         self._refusals = RateLimit()
@@ -215,10 +223,11 @@ class FrontService(MultiService):
 
     def _said_at_exit(self) -> None:
         self.log.info(
-            "front at exit: {routed} routed ({each}), {refused} refused",
+            "front at exit: {routed} routed ({each}), {refused} refused, {lost} lost after routing",
             routed=plural(sum(self.routed), "pipe"),
             each=", ".join(f"worker {i + 1}: {n}" for i, n in enumerate(self.routed)),
             refused=self.refused,
+            lost=self.lost,
             routed_by_worker=self.routed,
         )
 
@@ -452,8 +461,10 @@ class WorkerProcess(ProcessProtocol):
         self._expiry: IDelayedCall | None = None
         self._resend: IDelayedCall | None = None  # after a NOT_NOW error
         self._send_errors = RateLimit()
-        self._writer = _ChannelWriter(self)
+        self._channel = _Channel(self)
         self._writing = False
+        self.passed = 0  # pipes sent on this channel
+        self.taken = 0  # of them, the worker says it has taken
         self.pid: int | None = None
         self.started_at = 0.0
         self.delay = RESTART_FIRST
@@ -489,6 +500,8 @@ class WorkerProcess(ProcessProtocol):
             theirs.close()
         mine.setblocking(False)
         self.channel = mine
+        self.passed = self.taken = 0
+        self.reactor.addReader(self._channel)
         self.pid = transport.pid
         self.started_at = self.reactor.seconds()
         self._ended = Deferred()
@@ -545,7 +558,25 @@ class WorkerProcess(ProcessProtocol):
                 continue
             self.queue.popleft()
             sock.close()  # the worker has its own now
+            self.passed += 1
         self._flushed()
+
+    def read_taken(self) -> None:
+        """The worker's count of pipes taken, the latest of what it sent."""
+        while self.channel is not None:
+            try:
+                data = self.channel.recv(64)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:  # it died with pipes unread; what it sent before still follows
+                continue
+            except OSError:
+                data = b""
+            if not data:  # the worker is gone: processEnded follows
+                self.reactor.removeReader(self._channel)
+                return
+            if data.isdigit():
+                self.taken = max(self.taken, int(data))
 
     def _send_again(self) -> None:
         self._resend = None
@@ -555,7 +586,7 @@ class WorkerProcess(ProcessProtocol):
         want = bool(self.queue) and self.channel is not None and self._resend is None
         if want != self._writing:
             self._writing = want
-            (self.reactor.addWriter if want else self.reactor.removeWriter)(self._writer)
+            (self.reactor.addWriter if want else self.reactor.removeWriter)(self._channel)
         if not self.queue:
             for timer in (self._expiry, self._resend):
                 if timer is not None and timer.active():
@@ -564,6 +595,7 @@ class WorkerProcess(ProcessProtocol):
 
     def _closed(self, sock: socket.socket, why: str) -> None:
         sock.close()
+        self.front.lost += 1
         if self._closed_pipes.allow():
             self.log.warn(
                 "pipe closed: {worker} {why} (the LP redials)",
@@ -576,9 +608,18 @@ class WorkerProcess(ProcessProtocol):
         while self.queue:
             self._closed(self.queue.popleft()[1], "ended")
         self._flushed()  # no writer, no expiry timer: before the channel goes
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
+        if self.channel is None:
+            return
+        self.read_taken()  # its last word, if it said one
+        self.reactor.removeReader(self._channel)
+        self.channel.close()
+        self.channel = None
+        unread = self.passed - self.taken
+        if unread > 0:
+            self.front.lost += unread
+            self.log.warn(
+                "{worker} died with up to {n} unread; their LPs will redial", worker=self.name, n=plural(unread, "pipe")
+            )
 
     def processEnded(self, reason: Failure) -> None:
         self._close_channel()
@@ -630,14 +671,20 @@ class WorkerProcess(ProcessProtocol):
             self.transport.signalProcess("KILL")
 
 
-@implementer(IWriteDescriptor)
-class _ChannelWriter:
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Channel:
+    """A worker's socket: written when the front's pipes wait for room,
+    read for the worker's count of pipes taken."""
+
     def __init__(self, worker: WorkerProcess) -> None:
         self.worker = worker
 
     def fileno(self) -> int:
         channel = self.worker.channel
         return channel.fileno() if channel is not None else -1
+
+    def doRead(self) -> None:
+        self.worker.read_taken()
 
     def doWrite(self) -> None:
         self.worker.flush()
