@@ -294,6 +294,7 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> MultiS
             hello_wait=config["hello-wait"],
             handshake_timeout=config["handshake-timeout"],
             v1_only=config["key"] is None,
+            serves_v1=config["key"] is None or config["allow-v1"],
             drain_timeout=config["drain-timeout"],
         )
     return RemoteProxyService(config, reactor, config["worker"])

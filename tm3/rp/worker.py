@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tm3.logs import RateLimit
 from tm3.rp.routing import VERDICTS
 
 #: ``INDEX:FD``: set by the front for each worker it starts (never by hand).
@@ -78,7 +79,9 @@ class PipeReceiver(Service):
         self.adopt = adopt
         self.front_gone = front_gone
         self._reader = _Reader(self)
-        self.received = 0
+        self.received = 0  # pipes adopted
+        self.taken = 0  # messages read from the front, a pipe each
+        self._truncated = RateLimit()
 
     def startService(self) -> None:
         super().startService()
@@ -90,9 +93,26 @@ class PipeReceiver(Service):
         self.reactor.removeReader(self._reader)
 
     def read(self) -> None:
+        taken = self.taken
+        try:
+            self._read()
+        finally:
+            if self.taken != taken:
+                self._tell_taken()
+
+    def _tell_taken(self) -> None:
+        """Tell the front how many pipes we have taken, so that it can say
+        how many died unread with us; lost when it cannot be sent now (the
+        next count says it)."""
+        try:
+            self.channel.send(str(self.taken).encode())
+        except OSError:
+            pass
+
+    def _read(self) -> None:
         for _ in range(BATCH):
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.channel, MAX_TAG, 1)
+                data, fds, flags, _addr = socket.recv_fds(self.channel, MAX_TAG, 1)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -101,9 +121,18 @@ class PipeReceiver(Service):
             if not data and not fds:
                 self._gone("it closed its socket")
                 return
+            self.taken += 1
+            if flags & socket.MSG_CTRUNC and self._truncated.allow():
+                # The kernel dropped the descriptor: we are at our descriptor limit.
+                self.log.warn(
+                    "a pipe from the front was lost: its descriptor did not fit (out of descriptors?)",
+                    suppressed=self._truncated.take_suppressed(),
+                )
             for fd in fds:
                 try:
                     self._take(fd, data.decode("ascii", "replace"))
+                except Exception as e:  # a bug in taking one pipe must not stop us taking the rest
+                    self.log.warn("a pipe from the front could not be taken: {why!r}; closed", why=e)
                 finally:
                     os.close(fd)
 
@@ -143,7 +172,10 @@ class _Reader:
         self.receiver.read()
 
     def connectionLost(self, reason: Failure) -> None:
-        pass
+        # The reactor dropped us (read() raised): a worker that no longer
+        # reads its socket would hold its pipes unread for good; it ends
+        # instead, and the front starts it again.
+        self.receiver._gone(f"reading its socket failed: {reason.getErrorMessage()}")
 
     def logPrefix(self) -> str:
         return "PipeReceiver"
@@ -154,9 +186,10 @@ class StopOnce:
 
     A worker is told to stop by its front (SIGTERM), by the front's end (its
     socket closes), and, under systemd's default ``KillMode=control-group``,
-    by systemd's own SIGTERM as well; twistd's handler would call
-    ``reactor.stop()`` again, which raises. :meth:`install` (once the reactor
-    runs: it installs its own handlers as it starts) puts this in its place."""
+    by systemd's own SIGTERM as well; a front by a second SIGTERM or ^C while
+    its workers drain. twistd's handler would call ``reactor.stop()`` again,
+    which raises. :meth:`install` (once the reactor runs: it installs its own
+    handlers as it starts) puts this in their place, for SIGTERM and SIGINT."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
@@ -168,4 +201,5 @@ class StopOnce:
             self.reactor.stop()
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.reactor.callFromThread(self))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: self.reactor.callFromThread(self))
