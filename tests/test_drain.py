@@ -18,12 +18,7 @@ MiB = 1024 * 1024
 @pytest_twisted.ensureDeferred
 async def test_stopping_the_rp_lets_a_download_in_progress_finish(env: Env) -> None:
     size = 8 * MiB
-    src = await env.server(servers.source(env.reactor, size, seed=5))
-    rp = await env.rp(2, "--drain-timeout", "20")
-    lp = await env.lp(rp.port, 2, [src.port])
-    client = await env.open(lp, "forward", src.port)
-    client.transport.pauseProducing()  # the download is in progress, not done
-    await until(lambda: rp.stats.bytes_to_pipes > 0, 5, "the download to start")
+    rp, lp, client, src = await env.download_in_progress(size)
     stopping = defer.maybeDeferred(rp.service.stopService)
     rp.stopped = True
     assert rp.session is not None and rp.session.draining and not stopping.called

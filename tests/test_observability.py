@@ -335,12 +335,7 @@ async def test_the_exit_summary_waits_for_the_drain(env: Env, logs: Any) -> None
     """Stopping drains the open connections first: the exit line's totals
     include what they carried meanwhile."""
     size = 2 * 1024 * 1024
-    src = await env.server(servers.source(env.reactor, size, seed=5))
-    rp = await env.rp(2, "--drain-timeout", "20")
-    lp = await env.lp(rp.port, 2, [src.port])
-    client = await env.open(lp, "forward", src.port)
-    client.transport.pauseProducing()  # the download is in progress, not done
-    await until(lambda: rp.stats.bytes_to_pipes > 0, 5, "the download to start")
+    rp, _lp, client, _src = await env.download_in_progress(size)
     stopping = rp.service.stopService()
     rp.stopped = True
     assert not logs.matching("summary at exit")  # not while draining

@@ -107,22 +107,25 @@ class ProxyCollector(Collector):
         for how, n in sorted(stats.ended_by.items()):
             closed.add_metric([role, how], n)
         yield closed
-        payload = CounterMetricFamily(
+
+        def both_ways(name: str, doc: str, to_pipes: float, from_pipes: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=["role", "direction"])
+            c.add_metric([role, "to_pipes"], to_pipes)
+            c.add_metric([role, "from_pipes"], from_pipes)
+            return c
+
+        yield both_ways(
             "tm3_payload_bytes_total",
             "Payload bytes: read from sockets for the pipes (to_pipes), written to sockets from them (from_pipes).",
-            labels=["role", "direction"],
+            stats.bytes_to_pipes,
+            stats.bytes_from_pipes,
         )
-        payload.add_metric([role, "to_pipes"], stats.bytes_to_pipes)
-        payload.add_metric([role, "from_pipes"], stats.bytes_from_pipes)
-        yield payload
-        messages = CounterMetricFamily(
+        yield both_ways(
             "tm3_messages_total",
             "Messages sent on (to_pipes) and received from the pipes.",
-            labels=["role", "direction"],
+            stats.messages_sent,
+            stats.messages_received,
         )
-        messages.add_metric([role, "to_pipes"], stats.messages_sent)
-        messages.add_metric([role, "from_pipes"], stats.messages_received)
-        yield messages
         for attr, name, doc in STATS_COUNTERS:
             yield counter(name, doc, getattr(stats, attr))
         yield gauge(

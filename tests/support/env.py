@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import formatEvent, globalLogPublisher
 
+from tests.support import servers
 from tests.support.clients import REP_SUCCEEDED, Client, socks_ipv4
 from tests.support.lpclient import LPClient
 from tests.support.ports import HOST, refusing_socket
@@ -154,6 +155,18 @@ class Env:
             assert client.socks_method == b"\x05\x00"
             assert rep == REP_SUCCEEDED, f"SOCKS reply {rep!r}"
         return client
+
+    async def download_in_progress(self, size: int, drain_timeout: float = 20) -> tuple[RP, LP, Client, TestServer]:
+        """An RP (``--drain-timeout``) and an LP with 2 pipes, and a client in
+        the middle of downloading ``size`` pattern bytes (it reads nothing
+        yet: the download is in progress, not done); and the source."""
+        src = await self.server(servers.source(self.reactor, size, seed=5))
+        rp = await self.rp(2, "--drain-timeout", f"{drain_timeout:g}")
+        lp = await self.lp(rp.port, 2, [src.port])
+        client = await self.open(lp, "forward", src.port)
+        client.transport.pauseProducing()
+        await until(lambda: rp.stats.bytes_to_pipes > 0, 5, "the download to start")
+        return rp, lp, client, src
 
     async def echo_round_trip(self, lp: LP, mode: str, port: int, data: bytes, index: int = 0) -> Client:
         """Send ``data`` to the echo server at ``port`` through the LP, half-close,
